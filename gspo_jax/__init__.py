@@ -1,0 +1,1 @@
+"""gspo-jax: GSPO reinforcement learning for Mixture-of-Experts language models in JAX/Flax."""
