@@ -250,3 +250,12 @@ PRESETS: dict[str, ModelConfig] = {
         shared_expert_intermediate_size=5632, qkv_bias=True, qk_norm=False, rope_theta=1e6,
         max_position_embeddings=8192, bos_token_id=151643, eos_token_id=(151643,)),
 }
+
+# The default training run's policy: a 2-layer, 8-expert Qwen3-MoE sized for the built-in
+# 64-token character vocabulary (gspo_jax.tokenizer) and a 2-core CPU.
+PRESETS["tiny"] = ModelConfig(
+    model_type="qwen3_moe", vocab_size=64, hidden_size=128, intermediate_size=256,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+    num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, norm_topk_prob=True,
+    rope_theta=10000.0, max_position_embeddings=256, bos_token_id=1, eos_token_id=(2,),
+    pad_token_id=0, initializer_range=0.05)
