@@ -200,6 +200,7 @@ class MetricsWriter:
         self._latest: dict[str, Any] = {}
         self._tb_writers: dict[str, Any] = {}
         self._tb_purge_step: dict[str, int] = {}
+        self._tb_opened = 0
         self._metrics_file = self._samples_file = None
         if self.is_writer:
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -272,8 +273,12 @@ class MetricsWriter:
         if phase not in self._tb_writers:
             from tensorboardX import SummaryWriter
 
+            # Event file names hold the time in seconds: a writer reopened within the same
+            # second (after truncate_after) would overwrite its predecessor without a suffix.
+            self._tb_opened += 1
             self._tb_writers[phase] = SummaryWriter(
-                str(self.workdir / "tb" / phase), purge_step=self._tb_purge_step.pop(phase, None)
+                str(self.workdir / "tb" / phase), purge_step=self._tb_purge_step.pop(phase, None),
+                filename_suffix=f".{os.getpid()}.{self._tb_opened}",
             )
         return self._tb_writers[phase]
 

@@ -106,6 +106,8 @@ def _tb_scalars(run_dir):
             offset += 12 + length + 4
             for value in event.summary.value:
                 scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+            if event.HasField("session_log"):  # a restart: TensorBoard hides events >= step
+                scalars.setdefault("<restart>", []).append(event.step)
     return scalars
 
 
@@ -117,6 +119,19 @@ def test_tensorboard_event_files_hold_scalars(tmp_path):
     rl = _tb_scalars(tmp_path / "tb" / "rl")
     assert rl == {"reward/mean": [(1, 0.25), (2, 0.5)]}
     assert _tb_scalars(tmp_path / "tb" / "warmstart") == {"eval/accuracy": [(1, 0.75)]}
+
+
+def test_truncate_after_purges_redone_steps_in_tensorboard(tmp_path):
+    with M.MetricsWriter(tmp_path, total_steps=4, console=False) as w:
+        for step in (1, 2, 3):
+            w.write(step, {"loss": float(step)})
+            w.write(step, {"loss": float(step)}, phase="warmstart")
+        w.truncate_after(1, keep_phases={"warmstart"})
+        w.write(2, {"loss": 20.0})
+    rl = _tb_scalars(tmp_path / "tb" / "rl")
+    assert rl["<restart>"] == [2]
+    assert rl["loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (2, 20.0)]
+    assert "<restart>" not in _tb_scalars(tmp_path / "tb" / "warmstart")
 
 
 def test_non_tty_console_prints_compact_summary_every_n_steps(tmp_path):
