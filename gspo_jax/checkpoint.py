@@ -1,0 +1,663 @@
+"""Orbax checkpoints of a run: train state + data-iterator position + config + meta.
+
+Layout: `<workdir>/checkpoints/<step>/` (Orbax step dirs), each holding the items
+  state/      the caller's pytree of arrays (params, optimizer state, step, RNG keys...), OCDBT.
+              Typed PRNG keys (jax.random.key) are stored as their key_data and wrapped back.
+  data/       the grain iterator position, one JSON file per process (grain's handler).
+  config/     the run config as JSON.   meta/  the caller's JSON (step, phase, metrics...).
+  integrity/  JSON: a 64-bit checksum per state array and the PRNG impl of each key.
+  commit_success.txt, _CHECKPOINT_METADATA   written by Orbax when the step is committed.
+
+Saves are async: Orbax writes `<step>.orbax-checkpoint-tmp/` and renames it when complete, so a
+killed save never looks complete. A step dir counts as a checkpoint only if Orbax committed it
+(commit marker, or a commit time in _CHECKPOINT_METADATA); anything else is ignored.
+
+Restore picks the newest committed step. If it cannot be read, or an array's checksum differs
+(Orbax does not notice garbage bytes inside an array file), it warns, names the step, and tries
+the next older one. Nothing on disk is deleted or moved on failure. A checkpoint whose tree does
+not fit the target (other shapes or keys) raises CheckpointMismatchError at once: older steps of
+the same run would not fit either.
+
+Keep-N policy: garbage collection (keep the newest `keep`, plus the `keep_best` best by a metric)
+happens when a save commits and only ever counts committed, readable steps; steps found corrupt
+at restore are invisible to it, so they can never push a good older checkpoint out. A corrupt or
+uncommitted dir stays untouched until this run saves the same step number again; it is then
+renamed to `<step>.corrupt-<time>` / `<step>.uncommitted-<time>` (never deleted) with a warning.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import signal
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax import lax
+from jax.experimental import multihost_utils
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+# Orbax writes this file into a step dir as the last act of committing it.
+_COMMIT_MARKER = "commit_success.txt"
+_NEVER_HINT = (
+    "Fix: use a new workdir, or pass --config.resume=never to start fresh here (the existing "
+    "checkpoints/ is then renamed to checkpoints.replaced-<time>/, nothing is deleted)."
+)
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's array tree does not fit the target (another model shape or structure)."""
+
+
+class CheckpointCorruptError(RuntimeError):
+    """No readable checkpoint was found where one was asked for."""
+
+
+class _ChecksumMismatch(Exception):
+    """Restored arrays differ from what was saved (garbage bytes in a data file)."""
+
+
+def _utc_stamp() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _all_processes(ok: bool) -> bool:
+    """True iff `ok` holds on every process (so all processes take the same branch)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+# ----- tree paths, PRNG keys, checksums -----------------------------------------------------
+def _key_name(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _path_str(keypath: tuple) -> str:
+    """Path of a pytree leaf, e.g. "opt/0/mu/w"; the same for a namedtuple and Orbax's dict."""
+    return "/".join(_key_name(e) for e in keypath)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    return {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _is_key(leaf: Any) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _untype_keys(state: Any) -> tuple[Any, dict[str, str]]:
+    """Replaces typed PRNG key arrays by their key_data; returns {path: impl name}."""
+    impls = {}
+
+    def convert(path, leaf):
+        if _is_key(leaf):
+            impls[_path_str(path)] = str(jax.random.key_impl(leaf))
+            return jax.random.key_data(leaf)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(convert, state), impls
+
+
+def _as_words(x: jax.Array) -> jax.Array:
+    """The bits of `x` as uint32 words (8-byte dtypes give a trailing axis of 2)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        return jnp.stack([_as_words(x.real), _as_words(x.imag)])
+    size = x.dtype.itemsize
+    if size < 4:
+        return lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+    return lax.bitcast_convert_type(x, jnp.uint32)
+
+
+def _mix(h: jax.Array) -> jax.Array:
+    """murmur3's 32-bit finaliser: spreads every input bit over the word."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """[2] uint32: order-sensitive sums mod 2^32 (exact in any reduction order, any sharding)."""
+    words = _as_words(jnp.asarray(x))
+    index = jnp.zeros(words.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(words.ndim)):
+        index = index + lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= words.shape[axis]
+    weighted = jnp.sum(words * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+    mixed = jnp.sum(_mix(words ^ _mix(index + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
+    return jnp.stack([weighted, mixed])
+
+
+_leaf_checksum_jit = jax.jit(_leaf_checksum)
+
+
+def state_checksums(state: Any) -> dict[str, list[int]]:
+    """{leaf path: [two uint32 checksums]} for every array leaf of `state` (no typed keys).
+
+    One jitted call per leaf (leaves may live on different devices); one fetch for all.
+    """
+    flat = {k: v for k, v in _flat(state).items() if hasattr(v, "dtype")}
+    outs = [_leaf_checksum_jit(leaf) for leaf in flat.values()]
+    # Each result is replicated: this process's shard holds all of it, also multi-host.
+    sums = jax.device_get([out.addressable_data(0) for out in outs])
+    return {k: [int(a), int(b)] for k, (a, b) in zip(flat, sums)}
+
+
+def _as_dict(config: Any) -> dict:
+    """A plain dict of a Mapping or an ml_collections ConfigDict."""
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def _jsonable(obj: Any) -> Any:
+    def default(o):
+        if isinstance(o, (np.ndarray, np.generic, jax.Array)):
+            return np.asarray(o).tolist()
+        return str(o)
+
+    return json.loads(json.dumps(obj, default=default))
+
+
+# ----- step discovery -----------------------------------------------------------------------
+class _CommittedSteps(ocp.step.NameFormat):
+    """Orbax's standard step names, but only committed steps not marked as corrupt are seen."""
+
+    def __init__(self):
+        self._standard = ocp.step.standard_name_format()
+        self.corrupt: set[int] = set()
+
+    def build_name(self, step: int) -> str:
+        return self._standard.build_name(step)
+
+    def _visible(self, metadata) -> bool:
+        if metadata.step in self.corrupt:
+            return False
+        return (metadata.path / _COMMIT_MARKER).exists() or _commit_time(metadata) is not None
+
+    def find_all(self, base_path):
+        return (m for m in self._standard.find_all(base_path) if self._visible(m))
+
+    def find_step(self, base_path, step: int):
+        metadata = self._standard.find_step(base_path, step)
+        if not self._visible(metadata):
+            raise ValueError(f"step {step} under {base_path} is not a committed checkpoint")
+        return metadata
+
+
+def _commit_time(metadata) -> int | None:
+    try:
+        return metadata.commit_timestamp_nsecs
+    except Exception:  # an unreadable _CHECKPOINT_METADATA means: not committed
+        return None
+
+
+def _item_handlers() -> dict[str, Any]:
+    return {
+        "state": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+        "integrity": ocp.JsonCheckpointHandler(),
+    }
+
+
+class _IteratorSnapshot:
+    """The iterator's state captured now; async saves call get_state() later, in a thread."""
+
+    def __init__(self, iterator: Any):
+        state = iterator.get_state()
+        self._state = state if isinstance(state, bytes) else json.dumps(state, indent=4).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+# ----- restore targets and tree comparison --------------------------------------------------
+def _restore_struct(leaf: Any) -> Any:
+    """ShapeDtypeStruct (with sharding) that Orbax restores `leaf` into; keys as key_data."""
+    if isinstance(leaf, jax.Array) and not _is_key(leaf):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    if isinstance(leaf, jax.Array) or isinstance(leaf, jax.ShapeDtypeStruct):
+        sharding = leaf.sharding
+        if _is_key(leaf):
+            leaf = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+        if sharding is None:
+            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+    return leaf
+
+
+def _mismatches(stored: Mapping[str, Any], target: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for path in sorted(set(stored) | set(target)):
+        if path not in target:
+            lines.append(f"  {path}: only in the checkpoint, shape {tuple(stored[path].shape)}")
+        elif path not in stored:
+            lines.append(f"  {path}: missing in the checkpoint (target shape "
+                         f"{tuple(np.shape(target[path]))})")
+        else:
+            saved_shape = tuple(getattr(stored[path], "shape", ()))
+            target_shape = tuple(np.shape(target[path]))
+            if saved_shape != target_shape:
+                lines.append(f"  {path}: checkpoint {saved_shape} vs target {target_shape}")
+    return lines
+
+
+def _resolve_resume_path(path: Path) -> tuple[Path, int | None]:
+    """(checkpoints root, step or None) for a workdir, a checkpoints dir, or one step dir."""
+    if not path.exists():
+        raise ValueError(
+            f"resume path {path} does not exist; pass a workdir, its checkpoints/ dir, "
+            "a step dir inside it, 'auto' or 'never'"
+        )
+    if (path / CHECKPOINT_DIR).is_dir():
+        return path / CHECKPOINT_DIR, None
+    if path.name.isdigit() and (path / "_CHECKPOINT_METADATA").exists():
+        return path.parent, int(path.name)
+    return path, None
+
+
+class Checkpointer:
+    """Saves and restores a run's state, data position, config and meta with Orbax.
+
+    save():     async by default; `wait()` blocks until the last save is committed.
+    restore():  resume="auto" (newest good checkpoint here, or None), "never" (None), or a path
+                (a workdir, a checkpoints dir, or one step dir).
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        keep: int = 3,
+        keep_best_by: str | None = None,
+        best_mode: str = "max",
+        keep_best: int = 1,
+        async_save: bool = True,
+        save_every: int = 1,
+    ):
+        if keep < 1 or keep_best < 1 or save_every < 1:
+            raise ValueError(
+                f"Checkpointer needs keep, keep_best and save_every >= 1, got keep={keep}, "
+                f"keep_best={keep_best}, save_every={save_every}"
+            )
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+        self.directory = Path(workdir) / CHECKPOINT_DIR
+        self.keep_best_by = keep_best_by
+        self.save_every = save_every
+        self._name_format = _CommittedSteps()
+        policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+        best_fn = None
+        if keep_best_by is not None:
+            # Steps saved without the metric rank worst, so only LatestN keeps them.
+            worst = -np.inf if best_mode == "max" else np.inf
+            best_fn = lambda metrics: metrics.get(keep_best_by, worst)  # noqa: E731
+            policies.append(ocp.checkpoint_managers.BestN(
+                get_metric_fn=best_fn, reverse=best_mode == "min", n=keep_best,
+                keep_checkpoints_without_metrics=False,
+            ))
+        self._options = ocp.CheckpointManagerOptions(
+            step_name_format=self._name_format,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            best_fn=best_fn,
+            best_mode=best_mode,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=False,
+        )
+        self._manager = self._open_manager()
+
+    def _open_manager(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            self.directory, options=self._options, item_handlers=_item_handlers()
+        )
+
+    # ----- queries ---------------------------------------------------------------------------
+    def all_steps(self) -> list[int]:
+        """Committed steps that are not known to be corrupt, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        return self._manager.best_step()
+
+    # ----- save ------------------------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_iterator: Any,
+        config_dict: Mapping[str, Any],
+        meta: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Starts saving a checkpoint of `step`; returns whether one is being written.
+
+        Saves when `step % save_every == 0` or `force` (use force for the final step and on
+        preemption). `metrics[keep_best_by]` ranks checkpoints for keep-best. The iterator's
+        position is captured now, so it may be advanced while the save runs.
+        """
+        step = int(step)
+        latest = self.latest_step()
+        if latest is not None and step == latest:
+            logger.info("checkpoint for step %d exists already; not saving it again", step)
+            return False
+        if latest is not None and step < latest:
+            raise ValueError(
+                f"cannot save step {step}: {self.directory} already holds the newer step "
+                f"{latest}. Checkpoints are written in increasing step order; resume from the "
+                f"latest one, or use a new workdir"
+            )
+        if not force and step % self.save_every:
+            return False
+        self._move_aside_stale_dir(step)
+        arrays, key_impls = _untype_keys(state)
+        items = {
+            "state": ocp.args.StandardSave(arrays),
+            "config": ocp.args.JsonSave(_jsonable(_as_dict(config_dict))),
+            "meta": ocp.args.JsonSave(_jsonable(dict(meta))),
+            "integrity": ocp.args.JsonSave(
+                {"checksums": state_checksums(arrays), "key_impls": key_impls}
+            ),
+        }
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
+        return self._manager.save(
+            step, args=ocp.args.Composite(**items), metrics=self._rank_metrics(metrics), force=True
+        )
+
+    def _rank_metrics(self, metrics: Mapping[str, Any] | None) -> dict[str, float] | None:
+        """What Orbax stores to rank this step; {} (ranks worst) when the metric is absent."""
+        if self.keep_best_by is None:
+            return None
+        if not metrics or self.keep_best_by not in metrics:
+            return {}
+        value = float(np.asarray(jax.device_get(metrics[self.keep_best_by])))
+        return {self.keep_best_by: value} if np.isfinite(value) else {}
+
+    def _move_aside_stale_dir(self, step: int) -> None:
+        """Renames an uncommitted or corrupt dir that holds this step's name (never deletes)."""
+        stale = self.directory / self._name_format.build_name(step)
+        if stale.exists():
+            reason = "corrupt" if step in self._name_format.corrupt else "uncommitted"
+            target = stale.with_name(f"{stale.name}.{reason}-{_utc_stamp()}")
+            if _is_primary():
+                stale.rename(target)
+                logger.warning("moved the %s checkpoint dir %s aside to %s before saving step %d",
+                               reason, stale, target, step)
+            _sync(f"gspo_checkpoint_move_aside_{step}")
+        self._name_format.corrupt.discard(step)
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are committed (raises if one failed)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ----- restore ---------------------------------------------------------------------------
+    def restore(
+        self, target_state: Any, data_iterator: Any, *, resume: str = "auto"
+    ) -> tuple[Any, dict, int] | None:
+        """Restores (state, meta, step) and the iterator's position in place, or returns None.
+
+        `target_state`: pytree of jax.ShapeDtypeStruct (with .sharding) or concrete arrays;
+        arrays come back with its shardings and dtypes. resume:
+          "auto"   newest good checkpoint of this workdir; None when there is none.
+          "never"  None; existing checkpoints here are renamed to checkpoints.replaced-<time>/.
+          a path   a workdir, checkpoints dir or step dir. A step dir of this workdir must be its
+                   newest step. A path elsewhere is used only while this workdir has no
+                   checkpoint of its own (so a restarted job continues its own progress).
+        """
+        self.wait()
+        if resume == "never":
+            self._archive_existing()
+            return None
+        if not resume:
+            raise ValueError("resume must be 'auto', 'never' or a checkpoint path, got ''")
+        if resume == "auto":
+            return self._restore_from(self._manager, self._name_format, None, target_state,
+                                      data_iterator)
+        root, step = _resolve_resume_path(Path(resume).expanduser())
+        if root.resolve() == self.directory.resolve():
+            if step is not None and step != self.latest_step():
+                raise ValueError(
+                    f"resume={resume} is step {step}, but this workdir also holds newer steps "
+                    f"{[s for s in self.all_steps() if s > step]}, which a later auto-resume "
+                    "would pick up. Copy the step dir into a new workdir and resume from it there"
+                )
+            return self._restore_from(self._manager, self._name_format, step, target_state,
+                                      data_iterator)
+        if self.latest_step() is not None:
+            logger.warning(
+                "resume=%s ignored: this workdir already has its own checkpoints (latest step "
+                "%d), which are resumed instead. To restart from %s, use a new workdir.",
+                resume, self.latest_step(), resume)
+            return self.restore(target_state, data_iterator, resume="auto")
+        name_format = _CommittedSteps()
+        options = ocp.CheckpointManagerOptions(
+            step_name_format=name_format, read_only=True, create=False)
+        with ocp.CheckpointManager(root, options=options, item_handlers=_item_handlers()) as other:
+            return self._restore_from(other, name_format, step, target_state, data_iterator)
+
+    def _archive_existing(self) -> None:
+        if not self.directory.exists() or not any(self.directory.iterdir()):
+            return
+        self._manager.close()
+        target = self.directory.with_name(f"{CHECKPOINT_DIR}.replaced-{_utc_stamp()}")
+        if _is_primary():
+            self.directory.rename(target)
+            logger.warning("resume=never: moved the existing checkpoints to %s", target)
+        _sync("gspo_checkpoint_archive")
+        self._name_format.corrupt.clear()
+        self._manager = self._open_manager()
+
+    def _restore_from(self, manager, name_format, step, target_state, data_iterator):
+        root = Path(manager.directory)
+        if step is None:
+            candidates = sorted(manager.all_steps(), reverse=True)
+            self._warn_uncommitted(manager, name_format)
+        else:
+            if step not in manager.all_steps():
+                raise CheckpointCorruptError(
+                    f"{root / name_format.build_name(step)} is not a committed checkpoint "
+                    "(its save never finished); pick another step dir")
+            candidates = [step]
+        if not candidates:
+            return None
+        target = jax.tree.map(_restore_struct, target_state)
+        errors = []
+        for candidate in candidates:
+            step_dir = root / name_format.build_name(candidate)
+            reason = None
+            try:
+                state, meta = self._restore_step(manager, candidate, target, data_iterator)
+            except CheckpointMismatchError:
+                raise
+            except Exception as error:  # any read failure means: this step is unusable
+                reason = f"{type(error).__name__}: {str(error)[:300]}"
+            if not _all_processes(reason is None):
+                reason = reason or "another process could not read it"
+                errors.append(f"  step {candidate} ({step_dir}): {reason}")
+                name_format.corrupt.add(candidate)
+                manager.reload()
+                if len(candidates) > 1:
+                    logger.warning(
+                        "checkpoint step %d at %s is unreadable or corrupt (%s); falling back "
+                        "to the previous checkpoint. Nothing was deleted: inspect or remove it "
+                        "by hand.", candidate, step_dir, reason)
+                continue
+            logger.info("restored checkpoint step %d from %s", candidate, step_dir)
+            return state, meta, candidate
+        raise CheckpointCorruptError(
+            "no readable checkpoint in " + str(root) + ":\n" + "\n".join(errors) + "\n"
+            "Nothing was deleted. " + _NEVER_HINT
+        )
+
+    @staticmethod
+    def _warn_uncommitted(manager, name_format: _CommittedSteps) -> None:
+        root = Path(manager.directory)
+        if not root.exists():
+            return
+        known = {name_format.build_name(s) for s in [*manager.all_steps(), *name_format.corrupt]}
+        ignored = sorted(
+            p.name for p in root.iterdir()
+            if p.is_dir() and p.name not in known
+            and (p.name.isdigit() or ".orbax-checkpoint-tmp" in p.name)
+        )
+        if ignored:
+            logger.warning("ignoring uncommitted checkpoint dirs in %s (saves that never "
+                           "finished): %s", root, ", ".join(ignored))
+
+    def _restore_step(self, manager, step, target, data_iterator):
+        """(state, meta) of `step`; raises if it is unreadable, corrupt or does not fit."""
+        stored_tree = manager.item_metadata(step)["state"]
+        if stored_tree is None:
+            raise FileNotFoundError("no array metadata (state/_METADATA)")
+        stored = _flat(getattr(stored_tree, "tree", stored_tree))
+        flat_target = _flat(target)
+        mismatched = _mismatches(stored, flat_target)
+        if mismatched:
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {manager.directory} does not fit the target state:\n"
+                + "\n".join(mismatched) + "\nIt was written by a run with another model or "
+                "optimizer config. " + _NEVER_HINT
+            )
+        items = {
+            "state": ocp.args.StandardRestore(target),
+            "meta": ocp.args.JsonRestore(),
+            "integrity": ocp.args.JsonRestore(),
+        }
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+        integrity = restored["integrity"]
+        # Arrays restored into another dtype are cast, so their checksums cannot be compared.
+        same_dtype = {
+            path for path, leaf in flat_target.items()
+            if getattr(stored[path], "dtype", None) is not None and hasattr(leaf, "dtype")
+            and np.dtype(leaf.dtype) == np.dtype(stored[path].dtype)
+        }
+        actual = state_checksums(restored["state"])
+        bad = [p for p, sums in integrity["checksums"].items()
+               if p in same_dtype and actual.get(p) != sums]
+        if bad:
+            raise _ChecksumMismatch("array data does not match its checksum: " + ", ".join(sorted(bad)))
+        impls = integrity["key_impls"]
+
+        def wrap(path, leaf):
+            impl = impls.get(_path_str(path))
+            return leaf if impl is None else jax.random.wrap_key_data(leaf, impl=impl)
+
+        state = jax.tree_util.tree_map_with_path(wrap, restored["state"])
+        return state, restored["meta"]
+
+
+# ----- preemption ---------------------------------------------------------------------------
+class PreemptionGuard:
+    """Turns SIGTERM / SIGINT into a flag, so the trainer can save before it exits.
+
+        with PreemptionGuard() as guard:
+            for step in ...:
+                train_step()
+                if guard.should_stop(step):
+                    checkpointer.save(step, ..., force=True); checkpointer.wait(); break
+
+    SIGTERM or the first SIGINT set `requested`. A second SIGINT only repeats that the run stops
+    after the checkpoint (so an impatient Ctrl-C does not lose the save); a third raises
+    KeyboardInterrupt at once (an unfinished save is then ignored by resume). Previous handlers
+    come back on exit. Handlers can only be installed from the main thread.
+
+    Multi-host: `should_stop(step)` must be called by every process at the same steps; it
+    returns True on all of them when any process was signalled or JAX's preemption sync point
+    (`multihost_utils.reached_preemption_sync_point`) is reached. When JAX's distributed
+    preemption service is on (multi-process with jax_enable_preemption_service), SIGTERM is left
+    to that service instead of being caught here.
+    """
+
+    def __init__(self, *, use_jax_preemption_service: bool | None = None):
+        if use_jax_preemption_service is None:
+            use_jax_preemption_service = (
+                jax.process_count() > 1
+                and bool(getattr(jax.config, "jax_enable_preemption_service", False)))
+        self._use_service = use_jax_preemption_service
+        self.requested = False
+        self._sigints = 0
+        self._previous: dict[int, Any] = {}
+
+    def _signals(self) -> tuple[int, ...]:
+        return (signal.SIGINT,) if self._use_service else (signal.SIGTERM, signal.SIGINT)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        if signum == signal.SIGINT:
+            self._sigints += 1
+            if self._sigints >= 3:
+                raise KeyboardInterrupt
+            if self._sigints == 2:
+                logger.warning("stop already requested: finishing the step and its checkpoint "
+                               "save, then exiting. Press Ctrl-C again to abort without saving.")
+                return
+        self.requested = True
+        logger.warning("received %s: will save a checkpoint and stop after this step",
+                       signal.Signals(signum).name)
+
+    def __enter__(self) -> "PreemptionGuard":
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("PreemptionGuard must be entered from the main thread "
+                               "(Python only delivers signals there)")
+        for signum in self._signals():
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            # None: the old handler was not installed from Python and cannot be put back.
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to save and stop after `step` (agreed across processes when multi-host)."""
+        if jax.process_count() == 1:
+            return self.requested
+        try:
+            reached = bool(multihost_utils.reached_preemption_sync_point(step))
+        except RuntimeError:  # preemption service not running
+            reached = False
+        return reached or not _all_processes(not self.requested)
