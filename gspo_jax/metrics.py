@@ -40,7 +40,7 @@ DEFAULT_POSTFIX: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("acc", ("eval/accuracy",)),
     ("loss", ("loss", "loss/policy")),
     ("clip/seq", ("clip_frac/seq",)),
-    ("tok/s", ("perf/tokens_per_s",)),
+    ("tok/s", ("tokens_per_s",)),
 )
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
@@ -387,7 +387,7 @@ class MetricsWriter:
 REWARD_KEYS = ("reward/mean", "reward/std")
 EVAL_ACCURACY_KEY = "eval/accuracy"
 CLIP_FRACTION_KEYS = ("clip_frac/seq", "clip_frac/token")
-COMPLETION_LENGTH_KEY = "completion/length_mean"
+COMPLETION_LENGTH_KEY = "completion_len/mean"
 
 
 def _series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:

@@ -155,7 +155,7 @@ def test_non_tty_console_prints_compact_summary_every_n_steps(tmp_path):
 def test_tty_console_uses_progress_bar_with_postfix(tmp_path):
     out = _TTY()
     with M.MetricsWriter(tmp_path, total_steps=4, stream=out, enable_tensorboard=False) as w:
-        w.write(1, {"reward/mean": 0.5, "perf/tokens_per_s": 12345.0})
+        w.write(1, {"reward/mean": 0.5, "tokens_per_s": 12345.0})
         w.log("note")
         assert w._bar.n == 1
     text = out.getvalue()
@@ -195,7 +195,7 @@ def test_plots_with_all_keys(tmp_path):
             w.write(step, {"eval/accuracy": 0.1 * step, "loss": 1.0}, phase="warmstart")
         for step in range(1, 7):
             line = {"reward/mean": 0.1 * step, "reward/std": 0.05, "clip_frac/seq": 0.01,
-                    "clip_frac/token": 0.02, "completion/length_mean": 10.0 + step}
+                    "clip_frac/token": 0.02, "completion_len/mean": 10.0 + step}
             line.update({f"log_ratio_seq/abs_mean/mb{i}": 0.01 * i for i in range(4)})
             w.write(step, line)
             if step % 2 == 0:
