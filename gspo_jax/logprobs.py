@@ -71,8 +71,17 @@ def token_logprobs_from_hidden(hidden_btd, lm_head_dv, targets_bt, *, temperatur
         raise ValueError(f"temperature must be > 0; got {temperature} (greedy decoding has no "
                          "log-probs to train on; use the sampling temperature).")
 
+    return _chunked_logprobs(hidden_btd, lm_head_dv, targets_bt, temperature,
+                             max(1, min(chunk_size, hidden_btd.shape[1])), with_entropy,
+                             precision)
+
+
+# Jitted so that eager calls hit the compilation cache (lax.map would re-trace its body on every
+# call); inside a caller's jit this is inlined.
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _chunked_logprobs(hidden_btd, lm_head_dv, targets_bt, temperature, chunk, with_entropy,
+                      precision):
     batch, time, dim = hidden_btd.shape
-    chunk = min(chunk_size, time)
     num_chunks = -(-time // chunk)
     pad = num_chunks * chunk - time
     hidden_cbkd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0))).reshape(

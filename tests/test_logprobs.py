@@ -69,8 +69,8 @@ def test_gradients_match_the_naive_version():
     def naive(h, w):
         return objective(naive_logprobs(h, w, targets, 0.8))
 
-    got = jax.grad(chunked, argnums=(0, 1))(hidden, lm_head)
-    want = jax.grad(naive, argnums=(0, 1))(hidden, lm_head)
+    got = jax.jit(jax.grad(chunked, argnums=(0, 1)))(hidden, lm_head)
+    want = jax.jit(jax.grad(naive, argnums=(0, 1)))(hidden, lm_head)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
@@ -81,8 +81,8 @@ def test_bf16_inputs_give_fp32_logprobs_of_the_bf16_values():
     want, _ = naive_logprobs(hidden, lm_head, targets, 1.0)  # fp32 math on the same bf16 values
     assert logp.dtype == jnp.float32
     np.testing.assert_allclose(logp, want, atol=1e-5)
-    grad = jax.grad(lambda h: token_logprobs_from_hidden(h, lm_head, targets, chunk_size=4).sum())(
-        hidden)
+    grad = jax.jit(jax.grad(
+        lambda h: token_logprobs_from_hidden(h, lm_head, targets, chunk_size=4).sum()))(hidden)
     assert grad.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(grad, np.float32)))
 
 
