@@ -309,7 +309,7 @@ class Checkpointer:
             )
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-        self.directory = Path(workdir) / CHECKPOINT_DIR
+        self.directory = Path(workdir).absolute() / CHECKPOINT_DIR  # Orbax needs absolute paths
         self.keep_best_by = keep_best_by
         self.save_every = save_every
         self._name_format = _CommittedSteps()

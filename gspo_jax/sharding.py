@@ -50,9 +50,18 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
+def mesh_devices(mesh_cfg) -> list:
+  """All devices, or the first `mesh.num_devices` of them when that is set (> 0)."""
+  devices = jax.devices()
+  wanted = int(mesh_cfg.get("num_devices", 0) or 0)
+  if wanted > len(devices):
+    raise ValueError(f"mesh.num_devices={wanted} but only {len(devices)} devices exist; lower it or set 0 (all)")
+  return devices[:wanted] if wanted > 0 else devices
+
+
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """A mesh over all devices (or `devices`), axes named MESH_AXES, in auto (GSPMD) sharding mode."""
-  devices = list(devices if devices is not None else jax.devices())
+  """A mesh over `devices` (default: mesh_devices), axes named MESH_AXES, in auto (GSPMD) sharding mode."""
+  devices = list(devices if devices is not None else mesh_devices(mesh_cfg))
   shape = mesh_shape(mesh_cfg, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
@@ -116,3 +125,13 @@ def global_to_host(x: jax.Array, mesh: Mesh) -> np.ndarray:
   from jax.experimental import multihost_utils
   spec = PartitionSpec(BATCH_AXES, *([None] * (x.ndim - 1)))
   return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, spec))
+
+
+def commit_to_mesh(tree, mesh: Mesh):
+  """Places leaves not yet laid out on `mesh` (e.g. optimizer step counters) replicated on it, so a
+  jitted step sees the same input shardings on its first call as on later ones (no recompilation)."""
+  def place(x):
+    if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
+      return x
+    return jax.device_put(x, replicated(mesh))
+  return jax.tree.map(place, tree)

@@ -9,7 +9,7 @@ import math
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -96,7 +96,7 @@ def validate_config(cfg, num_devices: int | None = None) -> None:
     errors.append(f"--config.reward.fns / reward.weights: {e}")
   try:
     import jax
-    devices = num_devices or jax.device_count()
+    devices = num_devices or len(sharding.mesh_devices(cfg.mesh))
     mesh_shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh, devices)))
     batch_ways = math.prod(mesh_shape[a] for a in sharding.BATCH_AXES)
     _check(errors, r.prompts_per_step % batch_ways == 0, "rollout.prompts_per_step",
@@ -113,6 +113,7 @@ def validate_config(cfg, num_devices: int | None = None) -> None:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; progress has its own bar
   cfg = _CONFIG.value
   try:
     validate_config(cfg)

@@ -70,6 +70,26 @@ def build_policy(cfg, mesh) -> Policy:
   return Policy(mcfg, graphdef, params)
 
 
+def total_updates(cfg) -> int:
+  return cfg.steps * cfg.algo.minibatches * cfg.algo.iterations
+
+
+def abstract_train_state(cfg, mesh):
+  """({"train": TrainState, "rng": key} of ShapeDtypeStructs with shardings, graphdef); allocates nothing.
+
+  The restore target for tools that only read a run's checkpoint (export)."""
+  graphdef, abstract = abstract_model(model_config(cfg))
+  shardings = sharding.param_shardings(abstract, mesh, cfg.mesh.rules.to_dict())
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  init = jax.jit(make_optimizer(cfg.optim, total_updates(cfg)).init)
+  opt_shardings = init.lower(params).compile().output_shardings
+  opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           jax.eval_shape(init, params), opt_shardings)
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  return {"train": TrainState(params=params, opt_state=opt_state, step=step), "rng": rng}, graphdef
+
+
 def _cast_params(params, dtype):
   return jax.tree.map(lambda x: x.astype(dtype), params)
 
@@ -97,8 +117,7 @@ class Trainer:
     self.rewards.check_columns(self.data.columns)
     self.eval_set = eval_batches(cfg.data, self.tokenizer, batch_size=cfg.eval.batch_size,
                                  process_index=jax.process_index(), process_count=jax.process_count())
-    total_updates = cfg.steps * cfg.algo.minibatches * cfg.algo.iterations
-    self.optimizer = make_optimizer(cfg.optim, total_updates)
+    self.optimizer = make_optimizer(cfg.optim, total_updates(cfg))
     aux_coef = cfg.model.aux_loss_coef
     self.settings = UpdateSettings(
         level=cfg.algo.importance_sampling_level, eps_low=cfg.algo.eps_low, eps_high=cfg.algo.eps_high,
@@ -142,8 +161,9 @@ class Trainer:
 
   def initial_state(self) -> TrainState:
     params = self.policy.params
-    return TrainState(params=params, opt_state=jax.jit(self.optimizer.init)(params),
-                      step=jnp.zeros((), jnp.int32))
+    state = TrainState(params=params, opt_state=jax.jit(self.optimizer.init)(params),
+                       step=jnp.zeros((), jnp.int32))
+    return sharding.commit_to_mesh(state, self.mesh)
 
   def greedy_eval(self, params) -> dict[str, float]:
     rollout_params = self.cast_for_rollout(params)
@@ -175,7 +195,8 @@ class Trainer:
 
     params = run_warmstart(state.params, self.policy.graphdef, sft, steps=cfg.warmstart.steps,
                            batch_size=cfg.warmstart.batch_size, lr=cfg.warmstart.lr, seed=cfg.seed,
-                           logprob_chunk=cfg.model.logprob_chunk, place=self._rows, on_eval=on_eval,
+                           logprob_chunk=cfg.model.logprob_chunk, place=self._rows,
+                           commit=lambda tree: sharding.commit_to_mesh(tree, self.mesh), on_eval=on_eval,
                            eval_every=cfg.warmstart.eval_every, on_step=on_step)
     return dataclasses.replace(state, params=params)
 
@@ -217,7 +238,8 @@ class Trainer:
 
     generated = float(scored.lengths.sum())
     row = scored.metrics()
-    row.update({k: float(v) for k, v in jax.device_get(adv_metrics).items()})
+    row.update({(k if k == "frac_reward_zero_std" else f"rollout/{k}"): float(v)
+                for k, v in jax.device_get(adv_metrics).items() if not k.startswith("reward/")})
     row.update(summarize_updates(update_metrics))
     row.update({
         "tokens_per_s": generated / (t_end - t_start),
@@ -229,17 +251,19 @@ class Trainer:
         "train/completion_bucket": float(width),
     })
     row.update(self.data.metrics())
-    self._check_finite(update_metrics, step)
+    self._count_nonfinite(update_metrics, step)
     if cfg.log.samples_every and step % cfg.log.samples_every == 0:
       self.writer.write_samples(step, scored.samples(cfg.log.num_samples))
     return state, row
 
-  def _check_finite(self, update_metrics, step: int):
+  def _count_nonfinite(self, update_metrics, step: int):
     skipped = np.asarray(update_metrics["update_skipped"]).reshape(-1)
     for s in skipped:
       self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if s else 0
     if skipped.any():
       self.writer.log(f"step {step}: skipped {int(skipped.sum())} update(s) with non-finite loss or gradients")
+
+  def _stop_if_diverged(self, step: int):
     if self.nonfinite_in_a_row >= self.cfg.algo.max_nonfinite_updates:
       raise TrainingStopped(
           f"{self.nonfinite_in_a_row} non-finite updates in a row at step {step}; stopping. The last good "
@@ -252,6 +276,19 @@ class Trainer:
                            self.cfg.to_dict(), meta, metrics=row, force=force)
 
   def run(self) -> dict[str, Any]:
+    """Trains to cfg.steps (resuming if a checkpoint exists); returns the last step's metrics."""
+    try:
+      with ckpt.PreemptionGuard() as guard:
+        last = self._loop(guard)
+    finally:
+      self.checkpointer.wait()  # pending async saves finish even when a step raised
+      self.checkpointer.close()
+      self.writer.close()
+    if jax.process_index() == 0:
+      metrics.plot_metrics(self.cfg.workdir)
+    return last
+
+  def _loop(self, guard) -> dict[str, Any]:
     cfg = self.cfg
     state = self.initial_state()
     restored = self.checkpointer.restore({"train": state, "rng": self.base_key}, self.data.iterator,
@@ -260,35 +297,31 @@ class Trainer:
     if restored is not None:
       tree, meta, start = restored
       state, self.base_key = tree["train"], tree["rng"]
-      self.writer.truncate_after(start, keep_phases={"warmstart"})
       self.writer.log(f"resumed from step {start} in {cfg.workdir}")
-    last = {}
-    with ckpt.PreemptionGuard() as guard:
-      if cfg.warmstart.steps > 0 and not meta.get("warmstart_done"):
-        state = self.warm_start(state)
-      meta = {"warmstart_done": True}
-      if start == 0:
-        if cfg.eval.every:
-          last = self.greedy_eval(state.params)
-          self.writer.write(0, last)
-        self._save(state, 0, meta, last)
-      for step in range(start + 1, cfg.steps + 1):
-        state, row = self.rl_step(state, step)
-        if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.steps):
-          row.update(self.greedy_eval(state.params))
-        self.writer.write(step, row)
-        last = row
-        stopping = guard.should_stop(step)
-        if stopping or step % cfg.checkpoint.every == 0 or step == cfg.steps:
-          self._save(state, step, meta, row, force=stopping)
-        if stopping:
-          self.writer.log(f"stop requested: saved step {step}; rerun the same command to resume")
-          break
-    self.checkpointer.wait()
-    self.checkpointer.close()
-    self.writer.close()
-    if jax.process_index() == 0:
-      metrics.plot_metrics(cfg.workdir)
+    # Lines of steps after the checkpoint are redone and logged again (a fresh run: all RL lines).
+    self.writer.truncate_after(start, keep_phases={"warmstart"} if meta.get("warmstart_done") else set())
+    if cfg.warmstart.steps > 0 and not meta.get("warmstart_done"):
+      state = self.warm_start(state)
+    meta = {"warmstart_done": True}
+    last: dict[str, Any] = {}
+    if start == 0:
+      if cfg.eval.every:
+        last = self.greedy_eval(state.params)
+        self.writer.write(0, last)
+      self._save(state, 0, meta, last)
+    for step in range(start + 1, cfg.steps + 1):
+      state, row = self.rl_step(state, step)
+      if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.steps):
+        row.update(self.greedy_eval(state.params))
+      self.writer.write(step, row)
+      self._stop_if_diverged(step)
+      last = row
+      stopping = guard.should_stop(step)
+      if stopping or step % cfg.checkpoint.every == 0 or step == cfg.steps:
+        self._save(state, step, meta, row, force=stopping)
+      if stopping:
+        self.writer.log(f"stop requested: saved step {step}; rerun the same command to resume")
+        break
     return last
 
 

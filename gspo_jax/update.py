@@ -121,7 +121,6 @@ def make_train_fn(graphdef, optimizer: optax.GradientTransformation, settings: U
         ref_logp=mb.ref_logp if settings.beta > 0 else None, beta=settings.beta)
     aux = load_balancing_loss(stats)
     metrics = dict(metrics)
-    metrics["policy_loss"] = loss
     metrics["moe/aux_loss"] = aux
     metrics["entropy"] = _masked_mean(entropy, mask)
     metrics["logprob_gap/token_abs"] = _masked_mean(jnp.abs(logp - mb.sampler_logp), mask)

@@ -61,15 +61,15 @@ def make_sft_step(graphdef, optimizer: optax.GradientTransformation, logprob_chu
 
 
 def run_warmstart(params, graphdef, data: SupervisedSet, *, steps: int, batch_size: int, lr: float,
-                  seed: int, logprob_chunk: int, place: Callable, on_eval: Callable[[int, nnx.State], None],
+                  seed: int, logprob_chunk: int, place: Callable, commit: Callable, on_eval: Callable[[int, nnx.State], None],
                   eval_every: int, on_step: Callable[[int, float], None]):
   """Runs `steps` AdamW updates on random batches of `data`; returns the new params.
 
-  place: puts a host batch on the mesh; on_eval(step, params) is called every `eval_every` steps;
+  place: puts a host batch on the mesh; commit: lays state out on the mesh; on_eval(step, params) is called every `eval_every` steps;
   on_step(step, loss) after each update.
   """
   optimizer = optax.adamw(lr)
-  carry = (params, jax.jit(optimizer.init)(params))
+  carry = commit((params, jax.jit(optimizer.init)(params)))
   step_fn = make_sft_step(graphdef, optimizer, logprob_chunk)
   rng = np.random.default_rng(seed)
   for step in range(1, steps + 1):

@@ -357,3 +357,15 @@ def test_preemption_guard_turns_signals_into_a_flag():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert {s: signal.getsignal(s) for s in previous} == previous
+
+
+def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+    # Bug: Orbax refuses relative paths ("Checkpoint path should be absolute"); the default
+    # workdir of the CLI is relative (runs/qwen_moe_tiny).
+    monkeypatch.chdir(tmp_path)
+    with C.Checkpointer("runs/rel") as ckpt:
+        assert ckpt.save(1, _state(0), None, CONFIG, {"step": 1})
+        ckpt.wait()
+    with C.Checkpointer("runs/rel") as ckpt:
+        _, _, step = ckpt.restore(_abstract(_state(0)), None)
+    assert step == 1 and (tmp_path / "runs" / "rel" / "checkpoints" / "1").is_dir()

@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from configs.qwen_moe import get_config
+import micro_config as micro
 from gspo_jax.rewards import RewardFunctionError
 from gspo_jax.train import ConfigError, validate_config
 from gspo_jax.trainer import Trainer
@@ -20,30 +20,9 @@ REQUIRED_STEP_KEYS = ("step", "reward/mean", "reward/std", "loss", "clip_frac/se
 
 
 def micro_config(workdir, **overrides):
-  cfg = get_config("tiny")
+  cfg = micro.get_config()
   cfg.workdir = str(workdir)
-  cfg.steps = 2
-  cfg.rollout.prompts_per_step = 4
-  cfg.rollout.group_size = 4
-  cfg.algo.minibatches = 2
-  cfg.data.train_size = 64
-  cfg.data.eval_size = 8
-  cfg.eval.batch_size = 8
-  cfg.eval.every = 2
-  cfg.warmstart.steps = 2
-  cfg.warmstart.batch_size = 8
-  cfg.warmstart.eval_every = 2
-  cfg.checkpoint.every = 1
-  cfg.checkpoint.async_save = False
-  cfg.log.samples_every = 1
-  cfg.log.tensorboard = True
-  for key, value in overrides.items():
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return cfg
+  return micro.override(cfg, **overrides)
 
 
 def read_lines(path):
@@ -73,7 +52,7 @@ def test_micro_run_writes_every_output(tmp_path):
 
 
 def test_sharded_run_on_a_data_expert_tensor_mesh(tmp_path):
-  cfg = micro_config(tmp_path / "mesh", **{"mesh.data": 2, "mesh.expert": 2, "mesh.tensor": 2,
+  cfg = micro_config(tmp_path / "mesh", **{"mesh.num_devices": 8, "mesh.data": 2, "mesh.expert": 2, "mesh.tensor": 2,
                                            "warmstart.steps": 0, "eval.every": 0, "steps": 1,
                                            "algo.old_logprobs": "sampler",
                                            "algo.importance_sampling_level": "token"})
@@ -90,7 +69,7 @@ def test_sharded_run_on_a_data_expert_tensor_mesh(tmp_path):
 
 def test_config_errors_name_the_key_and_fix(tmp_path):
   cfg = micro_config(tmp_path / "bad", **{"rollout.group_size": 1, "algo.importance_sampling_level": "seq",
-                                          "algo.minibatches": 3, "mesh.data": 3, "reward.fns": "no_such_reward",
+                                          "algo.minibatches": 3, "mesh.num_devices": 0, "mesh.data": 3, "reward.fns": "no_such_reward",
                                           "rollout.temperature": 0.0})
   with pytest.raises(ConfigError) as err:
     validate_config(cfg, num_devices=8)
@@ -103,9 +82,9 @@ def test_config_errors_name_the_key_and_fix(tmp_path):
 
 
 def test_experts_not_divisible_by_expert_axis(tmp_path):
-  cfg = micro_config(tmp_path / "ep", **{"mesh.data": 1, "mesh.expert": -1})  # 8 experts over 8 devices: fine
+  cfg = micro_config(tmp_path / "ep", **{"mesh.num_devices": 8, "mesh.data": 1, "mesh.expert": -1})  # 8 experts over 8 devices: fine
   validate_config(cfg, num_devices=8)
-  cfg = micro_config(tmp_path / "ep", **{"mesh.data": 2, "mesh.expert": 4, "mesh.rules": {"expert": ("expert", "data")}})
+  cfg = micro_config(tmp_path / "ep", **{"mesh.num_devices": 8, "mesh.data": 2, "mesh.expert": 4, "mesh.rules": {"expert": ("expert", "data")}})
   with pytest.raises(ValueError, match="num_experts must be divisible by mesh.expert"):
     Trainer(cfg)
 
