@@ -183,7 +183,7 @@ def resolve_reward(spec: str) -> tuple[str, RewardFn]:
             f"reward {spec!r}: module {module_name!r} has no function {attr!r}; check the name "
             "after the ':'."
         )
-    return attr, fn
+    return spec, fn  # named as the user wrote it, in metrics and errors
 
 
 def _parse_list(value: str | Sequence[Any] | None) -> list[Any]:

@@ -107,8 +107,24 @@ def validate_config(cfg, num_devices: int | None = None) -> None:
              f"a minibatch of {rows // a.minibatches} rows cannot be split over {batch_ways} batch shards")
   except ValueError as e:
     errors.append(f"--config.mesh: {e}")
+  if not errors:
+    errors += _placement_errors(cfg)
   if errors:
     raise ConfigError("Invalid config:\n  " + "\n  ".join(errors))
+
+
+def _placement_errors(cfg) -> list[str]:
+  """Every parameter must split evenly over the mesh (e.g. experts over mesh.expert); checked on the
+  abstract model, so nothing is allocated."""
+  from gspo_jax import sharding
+  from gspo_jax.models.hf import abstract_model
+  from gspo_jax.trainer import model_config
+  try:
+    _, abstract = abstract_model(model_config(cfg))
+    sharding.param_shardings(abstract, sharding.make_mesh(cfg.mesh), cfg.mesh.rules.to_dict())
+  except ValueError as e:
+    return [f"--config.mesh: {e}"]
+  return []
 
 
 def main(argv):

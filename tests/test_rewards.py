@@ -126,8 +126,8 @@ def test_user_function_by_import_path(user_module):
     reward_set = RewardSet.from_config(
         [f"{user_module}:length", f"{user_module}:only_named"], [1.0, 10.0])
     out = reward_set(["a", "b"], ["xyz", "7"], completion_ids=[[1, 2, 3], [4]], answer=["0", "7"])
-    np.testing.assert_allclose(out.columns["length"], [3.0, 1.0])
-    np.testing.assert_allclose(out.columns["only_named"], [0.0, 1.0])
+    np.testing.assert_allclose(out.columns[f"{user_module}:length"], [3.0, 1.0])
+    np.testing.assert_allclose(out.columns[f"{user_module}:only_named"], [0.0, 1.0])
     np.testing.assert_allclose(out.total, [3.0, 11.0])
 
 
@@ -181,7 +181,7 @@ def test_raising_function_names_the_first_failing_sample(user_module):
     with pytest.raises(RewardFunctionError) as err:
         reward_set(["p0", "p1", "p2", "p3"], ["a", "a", "b", "b"])
     message = str(err.value)
-    assert "'bad_on_b'" in message and "ZeroDivisionError" in message
+    assert f"'{user_module}:bad_on_b'" in message and "ZeroDivisionError" in message
     assert "sample 2:" in message and "prompt='p2'" in message and "completion='b'" in message
     assert isinstance(err.value.__cause__, ZeroDivisionError)
 

@@ -82,9 +82,13 @@ def test_config_errors_name_the_key_and_fix(tmp_path):
 
 
 def test_experts_not_divisible_by_expert_axis(tmp_path):
-  cfg = micro_config(tmp_path / "ep", **{"mesh.num_devices": 8, "mesh.data": 1, "mesh.expert": -1})  # 8 experts over 8 devices: fine
+  cfg = micro_config(tmp_path / "ep", **{"mesh.num_devices": 8, "rollout.prompts_per_step": 8,
+                                        "mesh.data": 1, "mesh.expert": -1})  # 8 experts over 8 devices: fine
   validate_config(cfg, num_devices=8)
-  cfg = micro_config(tmp_path / "ep", **{"mesh.num_devices": 8, "mesh.data": 2, "mesh.expert": 4, "mesh.rules": {"expert": ("expert", "data")}})
+  cfg = micro_config(tmp_path / "ep", **{"mesh.num_devices": 6, "rollout.prompts_per_step": 6,
+                                        "mesh.data": 2, "mesh.expert": 3})  # 8 experts over 3 devices
+  with pytest.raises(ConfigError, match="num_experts must be divisible by mesh.expert"):
+    validate_config(cfg)
   with pytest.raises(ValueError, match="num_experts must be divisible by mesh.expert"):
     Trainer(cfg)
 
