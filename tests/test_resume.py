@@ -151,3 +151,20 @@ def test_non_finite_updates_are_skipped_then_the_run_stops(tmp_path, monkeypatch
   assert step == 1  # step 2 tripped the stop and was not saved; step 1 (all updates skipped) was
   for a, b in zip(jax.tree.leaves(state["train"].params), jax.tree.leaves(initial)):
     np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
+  workdir = tmp_path / "term"
+  proc = subprocess.Popen(_cli(workdir, 50), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  try:
+    _wait_for_step(workdir, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, output[-2000:]
+  logged = [line["step"] for line in _metrics(workdir) if "reward/mean" in line]
+  _, step = _final_state(workdir)
+  assert step == logged[-1] < 50  # the step in flight finished, was saved, and the run stopped
+  assert "rerun the same command to resume" in output

@@ -134,3 +134,31 @@ def test_data_file_errors_name_file_and_line(tmp_path):
   with pytest.raises(ValueError, match=r"prompts.jsonl.*line 2"):
     Trainer(cfg)
   assert not (tmp_path / "d" / "checkpoints").exists()
+
+
+def test_reference_kl_and_grpo_level_run(tmp_path):
+  cfg = micro_config(tmp_path / "kl", **{"algo.beta": 0.05, "algo.importance_sampling_level": "sequence_token",
+                                         "warmstart.steps": 0, "eval.every": 0, "steps": 1})
+  validate_config(cfg)
+  trainer = Trainer(cfg)
+  assert trainer.ref_params is not None
+  trainer.run()
+  line = read_lines(tmp_path / "kl" / "metrics.jsonl")[-1]
+  assert "kl_ref" in line and np.isfinite(line["kl_ref"]) and line["kl_ref"] >= 0
+
+
+@pytest.mark.parametrize("preset", ["qwen3_30b_a3b", "qwen1_5_moe_a2_7b"])
+def test_real_presets_validate_with_their_checkpoint_config(tmp_path, preset):
+  from configs.qwen_moe import get_config
+  from gspo_jax.models.config import PRESETS
+  hf_dir = tmp_path / "hf"
+  hf_dir.mkdir()
+  (hf_dir / "config.json").write_text(json.dumps(PRESETS[preset].to_hf_dict()))
+  data = tmp_path / "math.jsonl"
+  data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+  cfg = get_config(preset)
+  with pytest.raises(ConfigError, match="model.hf_path"):
+    validate_config(cfg, num_devices=8)
+  cfg.model.hf_path, cfg.data.path = str(hf_dir), str(data)
+  cfg.mesh.num_devices = 8
+  validate_config(cfg)
