@@ -105,6 +105,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.tensor = 1
   c.mesh.rules = ml_collections.ConfigDict()
 
+  # Multi-process jobs (one process per host; launch/ has scripts). "auto" joins a job when the
+  # environment describes one (Cloud TPU pod slice, SLURM with several tasks, JAX_COORDINATOR_ADDRESS);
+  # a coordinator_address here forces it, as on a single machine running several processes.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = "auto"  # auto | always | never
+  c.distributed.coordinator_address = ""  # host:port of process 0
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+
   # Supervised warm start before RL (the paper starts RL from a cold-start fine-tuned model).
   c.warmstart = ml_collections.ConfigDict()
   c.warmstart.steps = 0  # 0: off

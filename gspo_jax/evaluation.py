@@ -11,6 +11,7 @@ import numpy as np
 
 from gspo_jax.data import PromptBatch
 from gspo_jax.rollout import completion_texts
+from gspo_jax.sharding import sum_over_hosts
 
 
 def evaluate(generate: Callable[[PromptBatch], tuple[np.ndarray, np.ndarray]], batches: list[PromptBatch],
@@ -33,5 +34,7 @@ def evaluate(generate: Callable[[PromptBatch], tuple[np.ndarray, np.ndarray]], b
   if not batches:
     return {}
   solved_all, rewards_all = np.concatenate(solved), np.concatenate(rewards)
-  return {"eval/accuracy": float(np.mean(solved_all)), "eval/reward/mean": float(np.mean(rewards_all)),
-          "eval/num_prompts": float(len(solved_all))}
+  # Each host evaluates its share of the prompts; totals are summed over hosts.
+  num_solved, reward_sum, count = sum_over_hosts([solved_all.sum(), rewards_all.sum(), len(solved_all)])
+  return {"eval/accuracy": float(num_solved / count), "eval/reward/mean": float(reward_sum / count),
+          "eval/num_prompts": float(count)}

@@ -129,9 +129,22 @@ def global_to_host(x: jax.Array, mesh: Mesh) -> np.ndarray:
 
 def commit_to_mesh(tree, mesh: Mesh):
   """Places leaves not yet laid out on `mesh` (e.g. optimizer step counters) replicated on it, so a
-  jitted step sees the same input shardings on its first call as on later ones (no recompilation)."""
-  def place(x):
-    if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
-      return x
-    return jax.device_put(x, replicated(mesh))
-  return jax.tree.map(place, tree)
+  jitted step sees the same input shardings on its first call as on later ones (no recompilation).
+  Goes through jit, which (unlike device_put) can target devices of other processes."""
+  leaves, treedef = jax.tree.flatten(tree)
+  on_mesh = [isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+             for x in leaves]
+  moving = [x for x, ok in zip(leaves, on_mesh) if not ok]
+  if moving:
+    moved = iter(jax.jit(lambda xs: xs, out_shardings=replicated(mesh))(moving))
+    leaves = [x if ok else next(moved) for x, ok in zip(leaves, on_mesh)]
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def sum_over_hosts(x) -> np.ndarray:
+  """Element-wise sum of a small host array over all processes (identity with one process)."""
+  x = np.asarray(x, np.float64)
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x)).sum(axis=0)

@@ -127,10 +127,32 @@ def _placement_errors(cfg) -> list[str]:
   return []
 
 
+def _in_cluster_environment() -> bool:
+  env = os.environ
+  return bool(env.get("JAX_COORDINATOR_ADDRESS") or int(env.get("SLURM_NTASKS", "1")) > 1
+              or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
+
+
+def initialize_distributed(dist) -> None:
+  """Joins a multi-process JAX job before any device is touched (see configs/qwen_moe.py: distributed)."""
+  import jax
+  if dist.initialize == "never" or (dist.initialize == "auto" and not dist.coordinator_address
+                                    and not _in_cluster_environment()):
+    return
+  if dist.coordinator_address:
+    if jax.config.jax_platforms in (None, "", "cpu"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(dist.coordinator_address, num_processes=dist.num_processes,
+                               process_id=dist.process_id)
+  else:
+    jax.distributed.initialize()  # TPU pod slices and SLURM describe the job in the environment
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; progress has its own bar
   cfg = _CONFIG.value
+  initialize_distributed(cfg.distributed)
   try:
     validate_config(cfg)
   except ConfigError as e:

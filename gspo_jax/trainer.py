@@ -146,7 +146,7 @@ class Trainer:
     self.checkpointer = ckpt.Checkpointer(cfg.workdir, keep=cfg.checkpoint.keep,
                                           keep_best_by=cfg.checkpoint.keep_best_by or None,
                                           async_save=cfg.checkpoint.async_save)
-    self.base_key = jax.random.key(cfg.seed)
+    self.base_key = jax.jit(lambda: jax.random.key(cfg.seed), out_shardings=sharding.replicated(self.mesh))()
     self.nonfinite_in_a_row = 0
 
   # ---- placement helpers ----
@@ -212,8 +212,9 @@ class Trainer:
 
     scored = rollout.score_rollout(self.tokenizer, self.rewards, batch.prompts, batch.fields, self.group,
                                    ids, mask, self.stop_ids)
+    # Rewards of this host's rows -> one global array (groups never straddle hosts: rows are prompt-major).
     advantages, adv_metrics = losses.group_advantages(
-        jnp.asarray(scored.rewards), self.group, scale=cfg.algo.advantage_scale)
+        self._rows(scored.rewards), self.group, scale=cfg.algo.advantage_scale)
     t_reward = time.perf_counter()
 
     width = rollout.completion_bucket(int(scored.lengths.max()), cfg.rollout.max_new_tokens)
@@ -238,8 +239,8 @@ class Trainer:
 
     generated = float(scored.lengths.sum())
     row = scored.metrics()
-    row.update({(k if k == "frac_reward_zero_std" else f"rollout/{k}"): float(v)
-                for k, v in jax.device_get(adv_metrics).items() if not k.startswith("reward/")})
+    row.update({(k if k == "frac_reward_zero_std" or k.startswith("reward/") else f"rollout/{k}"): float(v)
+                for k, v in jax.device_get(adv_metrics).items()})
     row.update(summarize_updates(update_metrics))
     row.update({
         "tokens_per_s": generated / (t_end - t_start),
