@@ -299,8 +299,9 @@ class Trainer:
       tree, meta, start = restored
       state, self.base_key = tree["train"], tree["rng"]
       self.writer.log(f"resumed from step {start} in {cfg.workdir}")
-    # Lines of steps after the checkpoint are redone and logged again (a fresh run: all RL lines).
-    self.writer.truncate_after(start, keep_phases={"warmstart"} if meta.get("warmstart_done") else set())
+    # Lines of steps after the checkpoint are redone and logged again; a fresh run starts clean.
+    self.writer.truncate_after(start if restored is not None else -1,
+                               keep_phases={"warmstart"} if meta.get("warmstart_done") else set())
     if cfg.warmstart.steps > 0 and not meta.get("warmstart_done"):
       state = self.warm_start(state)
     meta = {"warmstart_done": True}
