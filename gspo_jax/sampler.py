@@ -11,7 +11,12 @@ What happens inside the one jitted call:
   3. Sample token 0; then each loop step feeds the previous token at slot P + i (position
      prompt_len + i), samples the next one, and records it. The loop ends after N tokens or as
      soon as every row has produced a stop id. Cache and outputs are loop carries, updated in
-     place; nothing leaves the device and no Python runs per token.
+     place; nothing leaves the device and no Python runs per token. The cache is allocated inside
+     the call and never crosses the jit boundary, so there is no buffer to donate.
+
+Speed on CPU: pass a bfloat16 copy of the parameters for rollouts (the MoE decode path then reads
+half the expert bytes) but keep the KV cache in float32: XLA:CPU converts a bfloat16 cache as a
+whole on every in-place write. On GPU/TPU a bfloat16 cache is the usual choice.
 
 Log-probs: each sampled token's log-prob is log_softmax(logits / T)[token] in fp32 under the
 UNTRUNCATED temperature-scaled distribution, even when top-k / top-p restrict what can be sampled.
@@ -63,6 +68,27 @@ def _inverse_cdf_choice(key, weights_rk):
   return jnp.minimum(index, weights_rk.shape[-1] - 1).astype(jnp.int32)
 
 
+def _nucleus_floor(p_rv, top_p: float):
+  """[R] smallest probability q such that the tokens strictly more likely than q hold < top_p mass.
+
+  The nucleus is {p >= q}: a token is kept iff the mass above it is below top_p (so the token that
+  crosses top_p is kept). Found by bisection over float32 bit patterns (31 masked sums over the
+  vocabulary), which is far cheaper on large vocabularies than sorting them.
+  """
+  mass_above = lambda q_r: jnp.sum(jnp.where(p_rv > q_r[:, None], p_rv, 0.0), axis=-1)
+  bits = lambda q: jax.lax.bitcast_convert_type(q, jnp.int32)
+
+  def halve(_, bounds):
+    lo, hi = bounds  # mass_above(hi) < top_p; every pattern below lo has mass_above >= top_p
+    mid = lo + (hi - lo) // 2
+    below = mass_above(jax.lax.bitcast_convert_type(mid, jnp.float32)) < top_p
+    return jnp.where(below, lo, mid + 1), jnp.where(below, mid, hi)
+
+  hi = bits(jnp.max(p_rv, axis=-1))
+  _, hi = jax.lax.fori_loop(0, 31, halve, (jnp.zeros_like(hi), hi))
+  return jax.lax.bitcast_convert_type(hi, jnp.float32)
+
+
 def sample_next(key, logits_rv, *, temperature: float, top_k: int = 0, top_p: float = 1.0):
   """Next tokens [R] int32 and their log-probs [R] float32 from logits [R, V].
 
@@ -75,11 +101,13 @@ def sample_next(key, logits_rv, *, temperature: float, top_k: int = 0, top_p: fl
   vocab = logits_rv.shape[-1]
   if temperature <= 0:
     tokens = jnp.argmax(logits_rv, axis=-1).astype(jnp.int32)
-  elif top_k <= 0 and top_p >= 1.0:
-    tokens = _inverse_cdf_choice(key, jnp.exp(logp_rv))
+  elif top_k <= 0:
+    p_rv = jnp.exp(logp_rv)
+    if top_p < 1.0:
+      p_rv = jnp.where(p_rv >= _nucleus_floor(p_rv, top_p)[:, None], p_rv, 0.0)
+    tokens = _inverse_cdf_choice(key, p_rv)
   else:
-    candidates = min(top_k, vocab) if top_k > 0 else vocab
-    cand_logp_rk, cand_ids_rk = jax.lax.top_k(logp_rv, candidates)  # sorted, most likely first
+    cand_logp_rk, cand_ids_rk = jax.lax.top_k(logp_rv, min(top_k, vocab))  # most likely first
     cand_p_rk = jax.nn.softmax(cand_logp_rk, axis=-1)
     if top_p < 1.0:
       mass_before_rk = jnp.cumsum(cand_p_rk, axis=-1) - cand_p_rk

@@ -211,6 +211,26 @@ def test_bf16_cache_and_bf16_rollout_params_run(tiny):
     np.testing.assert_array_equal(np.asarray(out.completion_ids)[:, 0], np.asarray(fp32.completion_ids)[:, 0])
 
 
+def test_tiled_dispatch_with_several_tiles_per_expert_matches_numpy():
+  """The decode MoE path: skewed routing (one expert takes several tiles, one expert none) and
+  padding tokens, against a per-assignment numpy loop."""
+  rng = np.random.default_rng(0)
+  t, d, i, e, k = 40, 6, 5, 6, 2  # expert 5 is never chosen
+  x = rng.normal(size=(t, d)).astype(np.float32)
+  ids = np.stack([np.where(rng.random(t) < 0.7, 0, rng.integers(1, 3, t)), rng.integers(3, 5, t)], 1)
+  weights = rng.random((t, k)).astype(np.float32)
+  valid = rng.random(t) > 0.2
+  gate, up, down = (rng.normal(size=s).astype(np.float32) for s in ((e, d, i), (e, d, i), (e, i, d)))
+  assert moe.tile_rows(t * k, e) < np.sum((ids == 0) & valid[:, None])  # expert 0 spans tiles
+  y, _ = moe.tiled_dispatch(*map(jnp.asarray, (x, ids, weights, valid, gate, up, down)), capacity_factor=0.0)
+  expected = np.zeros_like(x)
+  for token, j in zip(*np.nonzero(valid[:, None] & np.ones((1, k), bool))):
+    h = x[token] @ gate[ids[token, j]]
+    h = h / (1 + np.exp(-h)) * (x[token] @ up[ids[token, j]])
+    expected[token] += weights[token, j] * (h @ down[ids[token, j]])
+  np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_expert_slice_is_exact():
   w = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3, 5)), jnp.bfloat16)
   for e in range(4):
@@ -223,12 +243,14 @@ def test_batch_sharded_over_a_mesh_matches_unsharded(tiny):
   _, _, _, graphdef, params = tiny
   prompts = [list(PROMPTS[i % 3][: 3 + i % 4]) for i in range(8)]
   ids, mask = left_pad(prompts)
-  sampler = Sampler(graphdef, max_new_tokens=4, num_samples=2, temperature=1.0)
-  expected = sampler(params, ids, mask, jax.random.key(0))
+  settings = dict(max_new_tokens=4, num_samples=2, temperature=1.0)
+  expected = Sampler(graphdef, **settings)(params, ids, mask, jax.random.key(0))
   mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
-  rows = NamedSharding(mesh, PartitionSpec("data", None))
+  rows = NamedSharding(mesh, PartitionSpec("data"))
+  sampler = Sampler(graphdef, **settings, out_shardings=rows)
   sharded = sampler(jax.device_put(params, NamedSharding(mesh, PartitionSpec())),
                     jax.device_put(ids, rows), jax.device_put(mask, rows), jax.random.key(0))
+  assert sharded.completion_ids.sharding.is_equivalent_to(rows, 2)
   np.testing.assert_array_equal(np.asarray(sharded.completion_ids), np.asarray(expected.completion_ids))
   np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(expected.logprobs), atol=1e-5)
 
