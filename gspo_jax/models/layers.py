@@ -98,12 +98,29 @@ def grouped_attention(q_bthd, k_bshd, v_bshd, mask_bts):
   b, t, heads, d = q_bthd.shape
   kv_heads = k_bshd.shape[2]
   q = q_bthd.reshape(b, t, kv_heads, heads // kv_heads, d)
+  if t == 1 and jax.default_backend() == "cpu":
+    return _one_query_attention(q[:, 0], k_bshd, v_bshd, mask_bts[:, 0]).reshape(b, 1, heads, d)
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bshd, preferred_element_type=jnp.float32)
   scores = scores * (d ** -0.5)
   scores = jnp.where(mask_bts[:, None, None], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_bshd.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bshd)
   return out.reshape(b, t, heads, d)
+
+
+def _one_query_attention(q_bkgd, k_bshd, v_bshd, mask_bs):
+  """Decode step (one query per row) as multiply-and-reduce over the cache: [B, K, G, D].
+
+  On CPU the einsum form becomes B*K tiny matrix products and runs several times slower than
+  these two reductions, which stream the cache once each.
+  """
+  d = q_bkgd.shape[-1]
+  q = q_bkgd.astype(jnp.float32)[:, None]  # [B, 1, K, G, D]
+  scores = jnp.sum(q * k_bshd.astype(jnp.float32)[:, :, :, None, :], axis=-1) * (d ** -0.5)  # [B, S, K, G]
+  scores = jnp.where(mask_bs[:, :, None, None], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=1)
+  out = jnp.sum(probs[..., None] * v_bshd.astype(jnp.float32)[:, :, :, None, :], axis=1)
+  return out.astype(v_bshd.dtype)
 
 
 class Attention(nnx.Module):

@@ -6,7 +6,10 @@ agree exactly when nothing is dropped:
   capacity  assignments scattered into per-expert buffers of fixed capacity, one batched einsum per
             projection (fast on CPU); dropless when capacity_factor <= 0;
   ragged    assignments sorted by expert and multiplied with `jax.lax.ragged_dot` (dropless; GPU/TPU);
-  auto      capacity on CPU, ragged elsewhere.
+  tiled     a loop over the chosen experts only, each one's weights sliced once and its assignments
+            (sorted by expert) run in row tiles, so an expert no token chose is never read (dropless;
+            the CPU decode path, where reading weights dominates);
+  auto      ragged off CPU; on CPU tiled up to TILED_MAX_TOKENS tokens (decode, prefill), else capacity.
 An expert function maps (tokens routed to local experts, local expert weights) to outputs, so expert
 parallelism can wrap the same functions in a shard_map with all-to-all communication.
 """
@@ -52,9 +55,14 @@ def _swiglu_experts(x_ecd, gate_edi, up_edi, down_eid):
   return jnp.einsum("eci,eid->ecd", h, down_eid)
 
 
+def _cast(x_td, *weights):
+  return [w.astype(x_td.dtype) for w in weights]
+
+
 def dense_dispatch(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, *, capacity_factor):
   """Every expert on every token; returns (y [T, D], dropped=0)."""
   del valid_t, capacity_factor
+  gate_edi, up_edi, down_eid = _cast(x_td, gate_edi, up_edi, down_eid)
   num_experts = gate_edi.shape[0]
   combine_te = jnp.sum(jax.nn.one_hot(ids_tk, num_experts, dtype=x_td.dtype) * weights_tk[..., None], axis=1)
   y_etd = _swiglu_experts(jnp.broadcast_to(x_td, (num_experts, *x_td.shape)), gate_edi, up_edi, down_eid)
@@ -75,6 +83,7 @@ def capacity_dispatch(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_
   """
   t, k = ids_tk.shape
   num_experts = gate_edi.shape[0]
+  gate_edi, up_edi, down_eid = _cast(x_td, gate_edi, up_edi, down_eid)
   capacity = expert_capacity(t, k, num_experts, capacity_factor)
   ids_a = ids_tk.T.reshape(-1)  # assignment a = j * T + t: choice-major order gives top-1 priority
   valid_a = jnp.tile(valid_t, k)
@@ -97,6 +106,7 @@ def ragged_dispatch(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_ei
   del valid_t, capacity_factor
   t, k = ids_tk.shape
   num_experts = gate_edi.shape[0]
+  gate_edi, up_edi, down_eid = _cast(x_td, gate_edi, up_edi, down_eid)
   ids_a = ids_tk.reshape(-1)  # a = t * k + j
   order = jnp.argsort(ids_a, stable=True)
   x_sorted = x_td[order // k]
@@ -109,17 +119,114 @@ def ragged_dispatch(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_ei
   return y, jnp.zeros((), jnp.float32)
 
 
+# "auto" on CPU uses tiled for calls of up to this many tokens: measured 3-5x faster than dropless
+# capacity from 256 to 8192 tokens (decode steps are faster still); larger calls are untested.
+TILED_MAX_TOKENS = 1 << 16
+
+
+def tile_rows(num_assignments: int, num_experts: int) -> int:
+  """Rows per tile: the power of two at or above the mean assignments per expert, in [4, 256]."""
+  mean = max(1, -(-num_assignments // num_experts))
+  return min(256, max(4, 1 << (mean - 1).bit_length()))
+
+
+def expert_weight(w_e, expert, dtype):
+  """w_e[expert] in `dtype`, reading only that expert's slice.
+
+  XLA:CPU widens a bfloat16 array to float32 before slicing it, which reads and converts every
+  expert; slicing a uint16 view and widening by a 16-bit shift reads only the slice and is exact
+  (a bfloat16 is the top half of a float32).
+  """
+  if w_e.dtype == jnp.bfloat16 and jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu":
+    bits = jax.lax.bitcast_convert_type(w_e, jnp.uint16)[expert].astype(jnp.uint32) << 16
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+  return w_e[expert].astype(dtype)
+
+
+def _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid):
+  t, k = ids_tk.shape
+  num_experts = gate_edi.shape[0]
+  tile = tile_rows(t * k, num_experts)
+  valid_a = jnp.repeat(valid_t, k)  # a = t * k + j
+  ids_a = jnp.where(valid_a, ids_tk.reshape(-1), num_experts)  # padding sorts after every expert
+  order_a = jnp.argsort(ids_a, stable=True)
+  sizes_e = jnp.bincount(ids_a, length=num_experts + 1)[:num_experts]
+  starts_e = jnp.cumsum(sizes_e) - sizes_e
+  chosen = jnp.argsort(sizes_e == 0, stable=True)  # experts with assignments first
+  # Sorted rows, padded by one tile so a tile's slice never runs off the end (it would be clamped).
+  pad = lambda v: jnp.concatenate([v, jnp.zeros((tile, *v.shape[1:]), v.dtype)])
+  token_s = pad(order_a // k)
+  x_s = pad(x_td[order_a // k])
+  weight_s = pad(weights_tk.reshape(-1)[order_a].astype(x_td.dtype))
+
+  def one_expert(i, y_td):
+    expert = chosen[i]
+    gate, up, down = (expert_weight(w, expert, x_td.dtype) for w in (gate_edi, up_edi, down_eid))
+
+    def one_tile(j, y_td):
+      start = starts_e[expert] + j * tile
+      rows = jnp.arange(tile) < sizes_e[expert] - j * tile
+      x = jax.lax.dynamic_slice_in_dim(x_s, start, tile)
+      y = (jax.nn.silu(x @ gate) * (x @ up)) @ down
+      y = jnp.where(rows[:, None], y * jax.lax.dynamic_slice_in_dim(weight_s, start, tile)[:, None], 0)
+      return y_td.at[jax.lax.dynamic_slice_in_dim(token_s, start, tile)].add(y)
+
+    return jax.lax.fori_loop(0, -(-sizes_e[expert] // tile), one_tile, y_td)
+
+  return jax.lax.fori_loop(0, jnp.sum(sizes_e > 0), one_expert, jnp.zeros_like(x_td))
+
+
+@jax.custom_vjp
+def _tiled_moe(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid):
+  return _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid)
+
+
+def _tiled_moe_fwd(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid):
+  """Under differentiation the same function runs as dropless capacity, which keeps what its
+  backward pass needs (cheaper than the tiled forward plus a recomputation)."""
+
+  def same_function(x_td, weights_tk, gate_edi, up_edi, down_eid):
+    return capacity_dispatch(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid,
+                             capacity_factor=0.0)[0]
+
+  return jax.vjp(same_function, x_td, weights_tk, gate_edi, up_edi, down_eid)
+
+
+def _tiled_moe_bwd(capacity_vjp, dy_td):
+  dx, dweights, dgate, dup, ddown = capacity_vjp(dy_td)
+  return dx, None, dweights, None, dgate, dup, ddown
+
+
+_tiled_moe.defvjp(_tiled_moe_fwd, _tiled_moe_bwd)
+
+
+def tiled_dispatch(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, *, capacity_factor):
+  """Dropless loop over the chosen experts only: each one's weights are sliced once and its
+  assignments (sorted by expert) run through SwiGLU in tiles of `tile_rows` rows.
+
+  An expert no real token chose is never read, which is what a decode step on CPU is bound by.
+  Loop bounds depend on the routing, so under differentiation the same function runs as dropless
+  capacity (a custom VJP). Returns (y [T, D], dropped=0).
+  """
+  del capacity_factor
+  y = _tiled_moe(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid)
+  return y, jnp.zeros((), jnp.float32)
+
+
 DISPATCH_STRATEGIES = {
     "dense": dense_dispatch,
     "capacity": capacity_dispatch,
     "ragged": ragged_dispatch,
+    "tiled": tiled_dispatch,
 }
 
 
-def resolve_dispatch(name: str) -> str:
-  """Maps "auto" to the strategy that is fast on the current backend."""
+def resolve_dispatch(name: str, num_tokens: int | None = None) -> str:
+  """Maps "auto" to the strategy that is fast on the current backend (and token count, if given)."""
   if name == "auto":
-    return "capacity" if jax.default_backend() == "cpu" else "ragged"
+    if jax.default_backend() != "cpu":
+      return "ragged"
+    return "tiled" if num_tokens is not None and num_tokens <= TILED_MAX_TOKENS else "capacity"
   if name not in DISPATCH_STRATEGIES:
     raise ValueError(f"moe_dispatch={name!r}: use one of auto, {', '.join(DISPATCH_STRATEGIES)}")
   return name
@@ -152,11 +259,11 @@ class MoeBlock(nnx.Module):
     x_td = x_btd.reshape(b * t, d)
     valid_t = valid_bt.reshape(b * t)
     probs_te, ids_tk, weights_tk = route(x_td, self.router.value, self.top_k, self.norm_topk_prob)
-    dispatch = DISPATCH_STRATEGIES[resolve_dispatch(self.dispatch)]
+    dispatch = DISPATCH_STRATEGIES[resolve_dispatch(self.dispatch, b * t)]
+    # Weights go in as stored: each strategy casts them to x's dtype where it reads them.
     y_td, dropped = dispatch(
-        x_td, ids_tk, weights_tk, valid_t,
-        self.gate_proj.value.astype(self.dtype), self.up_proj.value.astype(self.dtype),
-        self.down_proj.value.astype(self.dtype), capacity_factor=self.capacity_factor)
+        x_td, ids_tk, weights_tk, valid_t, self.gate_proj.value, self.up_proj.value,
+        self.down_proj.value, capacity_factor=self.capacity_factor)
     if hasattr(self, "shared_expert"):
       gate = jax.nn.sigmoid(x_td @ self.shared_expert_gate.value.astype(self.dtype))
       y_td = y_td + gate * self.shared_expert(x_td)
