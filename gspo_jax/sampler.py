@@ -120,7 +120,7 @@ def sample_next(key, logits_rv, *, temperature: float, top_k: int = 0, top_p: fl
 class _DecodeState(NamedTuple):
   step: jax.Array  # index of the last recorded token
   token_r: jax.Array  # [R] last sampled token
-  done_r: jax.Array  # [R] bool: a stop id has been produced (or the row was finished)
+  done_r: jax.Array  # [R] bool: the row has produced a stop id
   cache: list
   ids_rn: jax.Array
   mask_rn: jax.Array
@@ -139,7 +139,8 @@ class Sampler:
     top_p: nucleus mass in (0, 1] (1: no limit).
     stop_ids: token ids that end a completion (the stop token is kept, with mask 1).
     pad_id: written after a completion ends.
-    cache_dtype: KV cache dtype (e.g. "bfloat16"); default the model's compute dtype.
+    cache_dtype: KV cache dtype (e.g. "bfloat16"); default the model's compute dtype (on CPU
+      float32 is faster, see the module docstring).
     out_shardings: optional jax.jit out_shardings for the SampleOutput (e.g. batch-sharded rows).
   """
 
