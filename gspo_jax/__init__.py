@@ -1,4 +1,5 @@
 """gspo-jax: GSPO reinforcement learning for Mixture-of-Experts language models in JAX/Flax."""
+
 from gspo_jax.models.config import PRESETS, ModelConfig
 from gspo_jax.models.hf import from_pretrained, save_pretrained
 from gspo_jax.models.qwen_moe import QwenMoeForCausalLM

@@ -24,6 +24,7 @@ at restore are invisible to it, so they can never push a good older checkpoint o
 uncommitted dir stays untouched until this run saves the same step number again; it is then
 renamed to `<step>.corrupt-<time>` / `<step>.uncommitted-<time>` (never deleted) with a warning.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -161,10 +162,12 @@ _leaf_checksum_jit = jax.jit(_leaf_checksum)
 def state_checksums(state: Any) -> dict[str, list[int]]:
     """{leaf path: [two uint32 checksums]} for every array leaf of `state` (no typed keys).
 
-    One jitted call per leaf (leaves may live on different devices); one fetch for all.
+    One jitted call per leaf (leaves may live on different devices).
     """
     flat = {k: v for k, v in _flat(state).items() if hasattr(v, "dtype")}
-    outs = [_leaf_checksum_jit(leaf) for leaf in flat.values()]
+    # One leaf at a time, each finished before the next starts: many small collective programs in
+    # flight at once can deadlock XLA:CPU's rendezvous when simulated devices outnumber its threads.
+    outs = [jax.block_until_ready(_leaf_checksum_jit(leaf)) for leaf in flat.values()]
     # Each result is replicated: this process's shard holds all of it, also multi-host.
     sums = jax.device_get([out.addressable_data(0) for out in outs])
     return {k: [int(a), int(b)] for k, (a, b) in zip(flat, sums)}
@@ -259,8 +262,9 @@ def _mismatches(stored: Mapping[str, Any], target: Mapping[str, Any]) -> list[st
         if path not in target:
             lines.append(f"  {path}: only in the checkpoint, shape {tuple(stored[path].shape)}")
         elif path not in stored:
-            lines.append(f"  {path}: missing in the checkpoint (target shape "
-                         f"{tuple(np.shape(target[path]))})")
+            lines.append(
+                f"  {path}: missing in the checkpoint (target shape {tuple(np.shape(target[path]))})"
+            )
         else:
             saved_shape = tuple(getattr(stored[path], "shape", ()))
             target_shape = tuple(np.shape(target[path]))
@@ -319,10 +323,14 @@ class Checkpointer:
             # Steps saved without the metric rank worst, so only LatestN keeps them.
             worst = -np.inf if best_mode == "max" else np.inf
             best_fn = lambda metrics: metrics.get(keep_best_by, worst)  # noqa: E731
-            policies.append(ocp.checkpoint_managers.BestN(
-                get_metric_fn=best_fn, reverse=best_mode == "min", n=keep_best,
-                keep_checkpoints_without_metrics=False,
-            ))
+            policies.append(
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=best_fn,
+                    reverse=best_mode == "min",
+                    n=keep_best,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         self._options = ocp.CheckpointManagerOptions(
             step_name_format=self._name_format,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
@@ -334,9 +342,7 @@ class Checkpointer:
         self._manager = self._open_manager()
 
     def _open_manager(self) -> ocp.CheckpointManager:
-        return ocp.CheckpointManager(
-            self.directory, options=self._options, item_handlers=_item_handlers()
-        )
+        return ocp.CheckpointManager(self.directory, options=self._options, item_handlers=_item_handlers())
 
     # ----- queries ---------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
@@ -386,9 +392,7 @@ class Checkpointer:
             "state": ocp.args.StandardSave(arrays),
             "config": ocp.args.JsonSave(_jsonable(_as_dict(config_dict))),
             "meta": ocp.args.JsonSave(_jsonable(dict(meta))),
-            "integrity": ocp.args.JsonSave(
-                {"checksums": state_checksums(arrays), "key_impls": key_impls}
-            ),
+            "integrity": ocp.args.JsonSave({"checksums": state_checksums(arrays), "key_impls": key_impls}),
         }
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
@@ -413,8 +417,13 @@ class Checkpointer:
             target = stale.with_name(f"{stale.name}.{reason}-{_utc_stamp()}")
             if _is_primary():
                 stale.rename(target)
-                logger.warning("moved the %s checkpoint dir %s aside to %s before saving step %d",
-                               reason, stale, target, step)
+                logger.warning(
+                    "moved the %s checkpoint dir %s aside to %s before saving step %d",
+                    reason,
+                    stale,
+                    target,
+                    step,
+                )
             _sync(f"gspo_checkpoint_move_aside_{step}")
         self._name_format.corrupt.discard(step)
 
@@ -452,8 +461,7 @@ class Checkpointer:
         if not resume:
             raise ValueError("resume must be 'auto', 'never' or a checkpoint path, got ''")
         if resume == "auto":
-            return self._restore_from(self._manager, self._name_format, None, target_state,
-                                      data_iterator)
+            return self._restore_from(self._manager, self._name_format, None, target_state, data_iterator)
         root, step = _resolve_resume_path(Path(resume).expanduser())
         if root.resolve() == self.directory.resolve():
             if step is not None and step != self.latest_step():
@@ -462,17 +470,18 @@ class Checkpointer:
                     f"{[s for s in self.all_steps() if s > step]}, which a later auto-resume "
                     "would pick up. Copy the step dir into a new workdir and resume from it there"
                 )
-            return self._restore_from(self._manager, self._name_format, step, target_state,
-                                      data_iterator)
+            return self._restore_from(self._manager, self._name_format, step, target_state, data_iterator)
         if self.latest_step() is not None:
             logger.warning(
                 "resume=%s ignored: this workdir already has its own checkpoints (latest step "
                 "%d), which are resumed instead. To restart from %s, use a new workdir.",
-                resume, self.latest_step(), resume)
+                resume,
+                self.latest_step(),
+                resume,
+            )
             return self.restore(target_state, data_iterator, resume="auto")
         name_format = _CommittedSteps()
-        options = ocp.CheckpointManagerOptions(
-            step_name_format=name_format, read_only=True, create=False)
+        options = ocp.CheckpointManagerOptions(step_name_format=name_format, read_only=True, create=False)
         with ocp.CheckpointManager(root, options=options, item_handlers=_item_handlers()) as other:
             return self._restore_from(other, name_format, step, target_state, data_iterator)
 
@@ -497,7 +506,8 @@ class Checkpointer:
             if step not in manager.all_steps():
                 raise CheckpointCorruptError(
                     f"{root / name_format.build_name(step)} is not a committed checkpoint "
-                    "(its save never finished); pick another step dir")
+                    "(its save never finished); pick another step dir"
+                )
             candidates = [step]
         if not candidates:
             return None
@@ -521,7 +531,11 @@ class Checkpointer:
                     logger.warning(
                         "checkpoint step %d at %s is unreadable or corrupt (%s); falling back "
                         "to the previous checkpoint. Nothing was deleted: inspect or remove it "
-                        "by hand.", candidate, step_dir, reason)
+                        "by hand.",
+                        candidate,
+                        step_dir,
+                        reason,
+                    )
                 continue
             logger.info("restored checkpoint step %d from %s", candidate, step_dir)
             return state, meta, candidate
@@ -537,13 +551,16 @@ class Checkpointer:
             return
         known = {name_format.build_name(s) for s in [*manager.all_steps(), *name_format.corrupt]}
         ignored = sorted(
-            p.name for p in root.iterdir()
-            if p.is_dir() and p.name not in known
-            and (p.name.isdigit() or ".orbax-checkpoint-tmp" in p.name)
+            p.name
+            for p in root.iterdir()
+            if p.is_dir() and p.name not in known and (p.name.isdigit() or ".orbax-checkpoint-tmp" in p.name)
         )
         if ignored:
-            logger.warning("ignoring uncommitted checkpoint dirs in %s (saves that never "
-                           "finished): %s", root, ", ".join(ignored))
+            logger.warning(
+                "ignoring uncommitted checkpoint dirs in %s (saves that never finished): %s",
+                root,
+                ", ".join(ignored),
+            )
 
     def _restore_step(self, manager, step, target, data_iterator):
         """(state, meta) of `step`; raises if it is unreadable, corrupt or does not fit."""
@@ -556,7 +573,8 @@ class Checkpointer:
         if mismatched:
             raise CheckpointMismatchError(
                 f"checkpoint step {step} in {manager.directory} does not fit the target state:\n"
-                + "\n".join(mismatched) + "\nIt was written by a run with another model or "
+                + "\n".join(mismatched)
+                + "\nIt was written by a run with another model or "
                 "optimizer config. " + _NEVER_HINT
             )
         items = {
@@ -570,13 +588,14 @@ class Checkpointer:
         integrity = restored["integrity"]
         # Arrays restored into another dtype are cast, so their checksums cannot be compared.
         same_dtype = {
-            path for path, leaf in flat_target.items()
-            if getattr(stored[path], "dtype", None) is not None and hasattr(leaf, "dtype")
+            path
+            for path, leaf in flat_target.items()
+            if getattr(stored[path], "dtype", None) is not None
+            and hasattr(leaf, "dtype")
             and np.dtype(leaf.dtype) == np.dtype(stored[path].dtype)
         }
         actual = state_checksums(restored["state"])
-        bad = [p for p, sums in integrity["checksums"].items()
-               if p in same_dtype and actual.get(p) != sums]
+        bad = [p for p, sums in integrity["checksums"].items() if p in same_dtype and actual.get(p) != sums]
         if bad:
             raise _ChecksumMismatch("array data does not match its checksum: " + ", ".join(sorted(bad)))
         impls = integrity["key_impls"]
@@ -613,9 +632,9 @@ class PreemptionGuard:
 
     def __init__(self, *, use_jax_preemption_service: bool | None = None):
         if use_jax_preemption_service is None:
-            use_jax_preemption_service = (
-                jax.process_count() > 1
-                and bool(getattr(jax.config, "jax_enable_preemption_service", False)))
+            use_jax_preemption_service = jax.process_count() > 1 and bool(
+                getattr(jax.config, "jax_enable_preemption_service", False)
+            )
         self._use_service = use_jax_preemption_service
         self.requested = False
         self._sigints = 0
@@ -631,17 +650,21 @@ class PreemptionGuard:
             if self._sigints >= 3:
                 raise KeyboardInterrupt
             if self._sigints == 2:
-                logger.warning("stop already requested: finishing the step and its checkpoint "
-                               "save, then exiting. Press Ctrl-C again to abort without saving.")
+                logger.warning(
+                    "stop already requested: finishing the step and its checkpoint "
+                    "save, then exiting. Press Ctrl-C again to abort without saving."
+                )
                 return
         self.requested = True
-        logger.warning("received %s: will save a checkpoint and stop after this step",
-                       signal.Signals(signum).name)
+        logger.warning(
+            "received %s: will save a checkpoint and stop after this step", signal.Signals(signum).name
+        )
 
     def __enter__(self) -> "PreemptionGuard":
         if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("PreemptionGuard must be entered from the main thread "
-                               "(Python only delivers signals there)")
+            raise RuntimeError(
+                "PreemptionGuard must be entered from the main thread (Python only delivers signals there)"
+            )
         for signum in self._signals():
             self._previous[signum] = signal.signal(signum, self._handle)
         return self

@@ -29,6 +29,7 @@ Config keys read from `cfg_data` (see `default_data_config()` for the defaults):
   shuffle          shuffle the records (by the run's seed; a different order each epoch).
   num_epochs       passes over the records; None repeats forever.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,23 +55,25 @@ _PARQUET_SUFFIXES = (".parquet",)
 
 def default_data_config() -> ml_collections.ConfigDict:
     """The data config with its defaults (the keys are documented in this module's docstring)."""
-    return ml_collections.ConfigDict({
-        "task": "sort_digits",
-        "task_kwargs": ml_collections.ConfigDict(),
-        "train_size": 20_000,
-        "eval_size": 200,
-        "eval_seed": 0,
-        "path": "",
-        "eval_path": "",
-        "prompt_field": "prompt",
-        "max_prompt_len": 512,
-        "overlong": "drop",
-        "buckets": (16, 32, 64, 128, 256, 512, 1024),
-        "chat_template": False,
-        "add_bos": False,
-        "shuffle": True,
-        "num_epochs": ml_collections.config_dict.placeholder(int),
-    })
+    return ml_collections.ConfigDict(
+        {
+            "task": "sort_digits",
+            "task_kwargs": ml_collections.ConfigDict(),
+            "train_size": 20_000,
+            "eval_size": 200,
+            "eval_seed": 0,
+            "path": "",
+            "eval_path": "",
+            "prompt_field": "prompt",
+            "max_prompt_len": 512,
+            "overlong": "drop",
+            "buckets": (16, 32, 64, 128, 256, 512, 1024),
+            "chat_template": False,
+            "add_bos": False,
+            "shuffle": True,
+            "num_epochs": ml_collections.config_dict.placeholder(int),
+        }
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +125,7 @@ def _as_dict(cfg: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(cfg):
         return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     raise ValueError(
-        f"data config must be an ml_collections.ConfigDict, a dict or a dataclass, got "
-        f"{type(cfg).__name__}."
+        f"data config must be an ml_collections.ConfigDict, a dict or a dataclass, got {type(cfg).__name__}."
     )
 
 
@@ -132,8 +134,7 @@ def _read_settings(cfg_data: Any) -> _Settings:
     given = _as_dict(cfg_data)
     unknown = sorted(set(given) - set(values))
     if unknown:
-        raise ValueError(
-            f"unknown data config keys {unknown}: the known keys are {sorted(values)}.")
+        raise ValueError(f"unknown data config keys {unknown}: the known keys are {sorted(values)}.")
     values.update(given)
     overlong = values["overlong"]
     if overlong not in OVERLONG_MODES:
@@ -231,8 +232,7 @@ def _validated(raw: Sequence[tuple[str, Any]], prompt_field: str) -> _Records:
     records = _Records([], [], [])
     for origin, record in raw:
         if not isinstance(record, dict):
-            raise ValueError(
-                f"{origin}: a record must be a JSON object, got {type(record).__name__}.")
+            raise ValueError(f"{origin}: a record must be a JSON object, got {type(record).__name__}.")
         if prompt_field not in record:
             raise ValueError(
                 f"{origin}: record has no {prompt_field!r} field (it has {sorted(record)}); add "
@@ -255,8 +255,10 @@ def _file_records(path: str | Sequence[str], prompt_field: str) -> _Records:
 
 
 def _task_records(task: tasks.Task, split: str, seed: int, n: int) -> _Records:
-    raw = [(f"task {task.name} ({split}) record {i}", r)
-           for i, r in enumerate(task.records(split, seed, n), start=1)]
+    raw = [
+        (f"task {task.name} ({split}) record {i}", r)
+        for i, r in enumerate(task.records(split, seed, n), start=1)
+    ]
     return _validated(raw, "prompt")
 
 
@@ -276,18 +278,25 @@ def _tokenize(records: _Records, tokenizer: Any, settings: _Settings) -> _Tokeni
     texts = records.prompts
     if settings.chat_template:
         if getattr(tokenizer, "chat_template", None):
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                                   add_generation_prompt=True, tokenize=False)
-                     for p in texts]
+            texts = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+                )
+                for p in texts
+            ]
         else:
-            _LOG.warning("data.chat_template is set but the tokenizer has no chat template: "
-                         "prompts are encoded as plain text.")
+            _LOG.warning(
+                "data.chat_template is set but the tokenizer has no chat template: "
+                "prompts are encoded as plain text."
+            )
     bos = None
     if settings.add_bos:
         bos = tokenizer.bos_token_id
         if bos is None:
-            raise ValueError("data.add_bos is set but the tokenizer has no bos token: set "
-                             "data.add_bos=False (or give the tokenizer a bos_token).")
+            raise ValueError(
+                "data.add_bos is set but the tokenizer has no bos token: set "
+                "data.add_bos=False (or give the tokenizer a bos_token)."
+            )
     encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     kept = _Records([], [], [])
     ids, dropped, truncated = [], 0, 0
@@ -309,15 +318,20 @@ def _tokenize(records: _Records, tokenizer: Any, settings: _Settings) -> _Tokeni
                 continue
             truncated += 1
             keep = settings.max_prompt_len - (bos is not None)
-            tokens = ([bos] if bos is not None else []) + tokens[len(tokens) - keep:]
+            tokens = ([bos] if bos is not None else []) + tokens[len(tokens) - keep :]
         ids.append(np.asarray(tokens, np.int32))
         kept.prompts.append(records.prompts[i])
         kept.rows.append(records.rows[i])
         kept.origins.append(records.origins[i])
     if dropped or truncated:
-        _LOG.warning("%d of %d prompts are longer than data.max_prompt_len=%d tokens: %d dropped, "
-                     "%d truncated.", dropped + truncated, len(encoded), settings.max_prompt_len,
-                     dropped, truncated)
+        _LOG.warning(
+            "%d of %d prompts are longer than data.max_prompt_len=%d tokens: %d dropped, %d truncated.",
+            dropped + truncated,
+            len(encoded),
+            settings.max_prompt_len,
+            dropped,
+            truncated,
+        )
     if not ids:
         raise ValueError(
             f"all {len(encoded)} prompts are longer than data.max_prompt_len="
@@ -334,16 +348,22 @@ def bucket_width(length: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"a prompt of {length} tokens fits no bucket in {tuple(buckets)}.")
 
 
-def _collate(data: _Tokenized, columns: Sequence[str], indices: Sequence[int],
-             buckets: Sequence[int], pad_id: int, valid: np.ndarray | None = None) -> PromptBatch:
+def _collate(
+    data: _Tokenized,
+    columns: Sequence[str],
+    indices: Sequence[int],
+    buckets: Sequence[int],
+    pad_id: int,
+    valid: np.ndarray | None = None,
+) -> PromptBatch:
     """Left-pads the records at `indices` to the smallest bucket that fits the longest."""
     rows = [data.ids[i] for i in indices]
     width = bucket_width(max(len(r) for r in rows), buckets)
     ids = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
     for b, row in enumerate(rows):
-        ids[b, width - len(row):] = row
-        mask[b, width - len(row):] = 1
+        ids[b, width - len(row) :] = row
+        mask[b, width - len(row) :] = 1
     return PromptBatch(
         prompt_ids=ids,
         prompt_mask=mask,
@@ -355,8 +375,10 @@ def _collate(data: _Tokenized, columns: Sequence[str], indices: Sequence[int],
 
 def _pad_id(tokenizer: Any) -> int:
     if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token: load it with "
-                         "gspo_jax.tokenizer.load_tokenizer, which sets pad to eos.")
+        raise ValueError(
+            "the tokenizer has no pad token: load it with "
+            "gspo_jax.tokenizer.load_tokenizer, which sets pad to eos."
+        )
     return int(tokenizer.pad_token_id)
 
 
@@ -367,27 +389,32 @@ def _host_indices(n: int, process_index: int, process_count: int, what: str) -> 
     steps (hosts that ran out first would hang the others in a collective).
     """
     if not 0 <= process_index < process_count:
-        raise ValueError(
-            f"process_index {process_index} not in [0, process_count={process_count}).")
+        raise ValueError(f"process_index {process_index} not in [0, process_count={process_count}).")
     per_host = n // process_count
     if per_host == 0:
-        raise ValueError(f"{n} {what} records cannot be shared by {process_count} hosts: "
-                         "give at least one record per host.")
+        raise ValueError(
+            f"{n} {what} records cannot be shared by {process_count} hosts: "
+            "give at least one record per host."
+        )
     return np.arange(process_index, per_host * process_count, process_count)
 
 
 def _subset(data: _Tokenized, indices: np.ndarray) -> _Tokenized:
     pick = [int(i) for i in indices]
-    records = _Records([data.records.prompts[i] for i in pick],
-                       [data.records.rows[i] for i in pick],
-                       [data.records.origins[i] for i in pick])
+    records = _Records(
+        [data.records.prompts[i] for i in pick],
+        [data.records.rows[i] for i in pick],
+        [data.records.origins[i] for i in pick],
+    )
     return _Tokenized(records, [data.ids[i] for i in pick], data.dropped, data.truncated)
 
 
 def _local_batch_size(batch_size: int, process_count: int, name: str) -> int:
     if batch_size < 1 or batch_size % process_count:
-        raise ValueError(f"{name}={batch_size} must be a positive multiple of the number of "
-                         f"hosts ({process_count}): each host takes an equal share.")
+        raise ValueError(
+            f"{name}={batch_size} must be a positive multiple of the number of "
+            f"hosts ({process_count}): each host takes an equal share."
+        )
     return batch_size // process_count
 
 
@@ -407,8 +434,17 @@ class PromptDataset:
     task:              the built-in task, or None for file data.
     """
 
-    def __init__(self, data: _Tokenized, columns: list[str], settings: _Settings, *,
-                 local_batch_size: int, seed: int, pad_id: int, task: tasks.Task | None):
+    def __init__(
+        self,
+        data: _Tokenized,
+        columns: list[str],
+        settings: _Settings,
+        *,
+        local_batch_size: int,
+        seed: int,
+        pad_id: int,
+        task: tasks.Task | None,
+    ):
         self.local_batch_size = local_batch_size
         self.buckets = settings.buckets
         self.columns = columns
@@ -428,9 +464,11 @@ class PromptDataset:
             # from repeating run s+1's first.
             shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
             dataset = dataset.shuffle(seed=shuffle_seed)
-        dataset = (dataset.repeat(epochs)
-                   .batch(local_batch_size, drop_remainder=True)
-                   .map(lambda idx: _collate(data, columns, idx, self.buckets, pad_id)))
+        dataset = (
+            dataset.repeat(epochs)
+            .batch(local_batch_size, drop_remainder=True)
+            .map(lambda idx: _collate(data, columns, idx, self.buckets, pad_id))
+        )
         # Records are already in memory and collating is cheap: read synchronously (no threads).
         read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
         self.iterator = iter(dataset.to_iter_dataset(read_options))
@@ -446,12 +484,21 @@ class PromptDataset:
         return next(self.iterator)
 
     def metrics(self) -> dict[str, int]:
-        return {"data/overlong_dropped": self.overlong_dropped,
-                "data/overlong_truncated": self.overlong_truncated}
+        return {
+            "data/overlong_dropped": self.overlong_dropped,
+            "data/overlong_truncated": self.overlong_truncated,
+        }
 
 
-def make_prompt_dataset(cfg_data: Any, tokenizer: Any, *, prompts_per_step: int, seed: int,
-                        process_index: int = 0, process_count: int = 1) -> PromptDataset:
+def make_prompt_dataset(
+    cfg_data: Any,
+    tokenizer: Any,
+    *,
+    prompts_per_step: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> PromptDataset:
     """The training prompt stream for this host.
 
     prompts_per_step: prompts per step over ALL hosts; each host gets an equal share of the
@@ -468,14 +515,15 @@ def make_prompt_dataset(cfg_data: Any, tokenizer: Any, *, prompts_per_step: int,
         records = _task_records(task, "train", seed, settings.train_size)
     tokenized = _tokenize(records, tokenizer, settings)
     columns = tokenized.records.columns()
-    mine = _subset(tokenized, _host_indices(len(tokenized.ids), process_index, process_count,
-                                            "training"))
-    return PromptDataset(mine, columns, settings, local_batch_size=local, seed=seed,
-                         pad_id=_pad_id(tokenizer), task=task)
+    mine = _subset(tokenized, _host_indices(len(tokenized.ids), process_index, process_count, "training"))
+    return PromptDataset(
+        mine, columns, settings, local_batch_size=local, seed=seed, pad_id=_pad_id(tokenizer), task=task
+    )
 
 
-def eval_batches(cfg_data: Any, tokenizer: Any, *, batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> list[PromptBatch]:
+def eval_batches(
+    cfg_data: Any, tokenizer: Any, *, batch_size: int, process_index: int = 0, process_count: int = 1
+) -> list[PromptBatch]:
     """This host's share of the fixed eval set as batches, padded like training batches.
 
     The eval set is `data.eval_path` if set, else the task's eval split when the run trains on a
@@ -503,5 +551,14 @@ def eval_batches(cfg_data: Any, tokenizer: Any, *, batch_size: int, process_inde
     valid = np.arange(len(indices)) < len(mine)
     columns = tokenized.records.columns()
     pad_id = _pad_id(tokenizer)
-    return [_collate(tokenized, columns, indices[b * local:(b + 1) * local], settings.buckets,
-                     pad_id, valid[b * local:(b + 1) * local]) for b in range(num_batches)]
+    return [
+        _collate(
+            tokenized,
+            columns,
+            indices[b * local : (b + 1) * local],
+            settings.buckets,
+            pad_id,
+            valid[b * local : (b + 1) * local],
+        )
+        for b in range(num_batches)
+    ]

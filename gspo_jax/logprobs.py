@@ -6,6 +6,7 @@ positions, each chunk under `jax.checkpoint` so the backward pass recomputes tha
 instead of storing all of them. Peak extra memory is about B * chunk_size * V * 4 bytes times a
 small constant, whatever T is.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,13 +20,16 @@ import jax.numpy as jnp
 @functools.partial(jax.checkpoint, static_argnums=(4, 5), prevent_cse=False)
 def _chunk_logprobs(hidden_bkd, lm_head_dv, targets_bk, temperature, with_entropy, precision):
     """log softmax(hidden @ W / temperature)[target] for one chunk, fp32, [B, K] (and entropy)."""
-    logits_bkv = jnp.einsum("bkd,dv->bkv", hidden_bkd, lm_head_dv, precision=precision,
-                            preferred_element_type=jnp.float32) / temperature
+    logits_bkv = (
+        jnp.einsum(
+            "bkd,dv->bkv", hidden_bkd, lm_head_dv, precision=precision, preferred_element_type=jnp.float32
+        )
+        / temperature
+    )
     log_norm_bk = jax.nn.logsumexp(logits_bkv, axis=-1)
     # mode="clip": an out-of-range id (padding such as -100) reads a finite wrong value, which the
     # caller's completion mask drops; the default "fill" mode would put NaN there.
-    target_logit_bk = jnp.take_along_axis(
-        logits_bkv, targets_bk[..., None], axis=-1, mode="clip")[..., 0]
+    target_logit_bk = jnp.take_along_axis(logits_bkv, targets_bk[..., None], axis=-1, mode="clip")[..., 0]
     logp_bk = target_logit_bk - log_norm_bk
     if not with_entropy:
         return logp_bk
@@ -34,9 +38,16 @@ def _chunk_logprobs(hidden_bkd, lm_head_dv, targets_bk, temperature, with_entrop
     return logp_bk, entropy_bk
 
 
-def token_logprobs_from_hidden(hidden_btd, lm_head_dv, targets_bt, *, temperature=1.0,
-                               chunk_size: int = 128, with_entropy: bool = False,
-                               precision=jax.lax.Precision.HIGHEST):
+def token_logprobs_from_hidden(
+    hidden_btd,
+    lm_head_dv,
+    targets_bt,
+    *,
+    temperature=1.0,
+    chunk_size: int = 128,
+    with_entropy: bool = False,
+    precision=jax.lax.Precision.HIGHEST,
+):
     """Log-probability of each target token under softmax(hidden @ lm_head / temperature).
 
     Args:
@@ -59,40 +70,47 @@ def token_logprobs_from_hidden(hidden_btd, lm_head_dv, targets_bt, *, temperatur
     if hidden_btd.ndim != 3 or lm_head_dv.ndim != 2 or lm_head_dv.shape[0] != hidden_btd.shape[2]:
         raise ValueError(
             f"Expected hidden [B, T, D] and lm_head [D, V]; got {hidden_btd.shape} and "
-            f"{lm_head_dv.shape}. For tied embeddings [V, D] pass embedding.T.")
-    if (targets_bt.shape != hidden_btd.shape[:2]
-            or not jnp.issubdtype(targets_bt.dtype, jnp.integer)):
+            f"{lm_head_dv.shape}. For tied embeddings [V, D] pass embedding.T."
+        )
+    if targets_bt.shape != hidden_btd.shape[:2] or not jnp.issubdtype(targets_bt.dtype, jnp.integer):
         raise ValueError(
             f"targets must be integer ids of shape {hidden_btd.shape[:2]}; got "
-            f"{targets_bt.dtype} {targets_bt.shape}.")
+            f"{targets_bt.dtype} {targets_bt.shape}."
+        )
     if not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
     if isinstance(temperature, numbers.Real) and temperature <= 0:
-        raise ValueError(f"temperature must be > 0; got {temperature} (greedy decoding has no "
-                         "log-probs to train on; use the sampling temperature).")
+        raise ValueError(
+            f"temperature must be > 0; got {temperature} (greedy decoding has no "
+            "log-probs to train on; use the sampling temperature)."
+        )
 
-    return _chunked_logprobs(hidden_btd, lm_head_dv, targets_bt, temperature,
-                             max(1, min(chunk_size, hidden_btd.shape[1])), with_entropy,
-                             precision)
+    return _chunked_logprobs(
+        hidden_btd,
+        lm_head_dv,
+        targets_bt,
+        temperature,
+        max(1, min(chunk_size, hidden_btd.shape[1])),
+        with_entropy,
+        precision,
+    )
 
 
 # Jitted so that eager calls hit the compilation cache (lax.map would re-trace its body on every
 # call); inside a caller's jit this is inlined.
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
-def _chunked_logprobs(hidden_btd, lm_head_dv, targets_bt, temperature, chunk, with_entropy,
-                      precision):
+def _chunked_logprobs(hidden_btd, lm_head_dv, targets_bt, temperature, chunk, with_entropy, precision):
     batch, time, dim = hidden_btd.shape
     num_chunks = -(-time // chunk)
     pad = num_chunks * chunk - time
-    hidden_cbkd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0))).reshape(
-        batch, num_chunks, chunk, dim).swapaxes(0, 1)
-    targets_cbk = jnp.pad(targets_bt, ((0, 0), (0, pad))).reshape(
-        batch, num_chunks, chunk).swapaxes(0, 1)
+    hidden_cbkd = (
+        jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0))).reshape(batch, num_chunks, chunk, dim).swapaxes(0, 1)
+    )
+    targets_cbk = jnp.pad(targets_bt, ((0, 0), (0, pad))).reshape(batch, num_chunks, chunk).swapaxes(0, 1)
 
     def one_chunk(xs):
         hidden_bkd, targets_bk = xs
-        return _chunk_logprobs(hidden_bkd, lm_head_dv, targets_bk, temperature, with_entropy,
-                               precision)
+        return _chunk_logprobs(hidden_bkd, lm_head_dv, targets_bk, temperature, with_entropy, precision)
 
     def unchunk(x_cbk):
         return x_cbk.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :time]

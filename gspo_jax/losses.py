@@ -14,6 +14,7 @@ Conventions (see BUILD_NOTES.md for the reasoning):
   gradient is zero, so extreme inputs give finite losses and grads instead of inf/NaN.
 - All ratio arithmetic is fp32 whatever the input dtype.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -75,13 +76,15 @@ def group_advantages(rewards, group_size: int, *, scale: str = "group", eps: flo
     if rewards_n.ndim != 1:
         raise ValueError(
             f"rewards must be flat [N * G] (groups contiguous); got shape {rewards_n.shape}. "
-            "Reshape with rewards.reshape(-1).")
+            "Reshape with rewards.reshape(-1)."
+        )
     if not isinstance(group_size, numbers.Integral) or group_size < 2:
         raise ValueError(f"group_size must be an integer >= 2; got {group_size!r}.")
     if rewards_n.shape[0] % group_size:
         raise ValueError(
             f"{rewards_n.shape[0]} rewards do not split into groups of {group_size}; pass "
-            "N prompts x G responses with G = group_size.")
+            "N prompts x G responses with G = group_size."
+        )
     std_fn = _lookup(ADVANTAGE_SCALES, scale, "advantage scale")
 
     rewards_ng = rewards_n.reshape(-1, group_size)
@@ -202,11 +205,13 @@ def gspo_sequence(log_ratio_bt, advantages, mask_bt, eps_low, eps_high) -> Objec
     if advantages.ndim != 1:
         raise ValueError(
             "level='sequence' takes one advantage per sequence, shape [B]; for per-token "
-            "advantages [B, T] use level='sequence_token'.")
+            "advantages [B, T] use level='sequence_token'."
+        )
     ratio_b = _safe_exp(_sequence_log_ratio(log_ratio_bt, mask_bt))
     objective_b, low_b, high_b = _ppo_clip(ratio_b, advantages, eps_low, eps_high)
-    return ObjectiveTerms(_per_token(objective_b, mask_bt), _per_token(low_b, mask_bt),
-                          _per_token(high_b, mask_bt), ratio_b)
+    return ObjectiveTerms(
+        _per_token(objective_b, mask_bt), _per_token(low_b, mask_bt), _per_token(high_b, mask_bt), ratio_b
+    )
 
 
 def gspo_token(log_ratio_bt, advantages, mask_bt, eps_low, eps_high) -> ObjectiveTerms:
@@ -217,16 +222,14 @@ def gspo_token(log_ratio_bt, advantages, mask_bt, eps_low, eps_high) -> Objectiv
     """
     ratio_b = jax.lax.stop_gradient(_safe_exp(_sequence_log_ratio(log_ratio_bt, mask_bt)))
     ratio_bt = ratio_b[:, None] * jnp.exp(log_ratio_bt - jax.lax.stop_gradient(log_ratio_bt))
-    objective_bt, low_bt, high_bt = _ppo_clip(
-        ratio_bt, _per_token(advantages, mask_bt), eps_low, eps_high)
+    objective_bt, low_bt, high_bt = _ppo_clip(ratio_bt, _per_token(advantages, mask_bt), eps_low, eps_high)
     return ObjectiveTerms(objective_bt, low_bt, high_bt, ratio_b)
 
 
 def grpo_token(log_ratio_bt, advantages, mask_bt, eps_low, eps_high) -> ObjectiveTerms:
     """GRPO: per-token ratio pi_theta(y_t) / pi_old(y_t), clipped per token."""
     ratio_bt = _safe_exp(log_ratio_bt)
-    objective_bt, low_bt, high_bt = _ppo_clip(
-        ratio_bt, _per_token(advantages, mask_bt), eps_low, eps_high)
+    objective_bt, low_bt, high_bt = _ppo_clip(ratio_bt, _per_token(advantages, mask_bt), eps_low, eps_high)
     return ObjectiveTerms(objective_bt, low_bt, high_bt, ratio_bt)
 
 
@@ -260,7 +263,8 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high,
     if advantages.shape not in (logp.shape[:1], logp.shape):
         raise ValueError(
             f"advantages has shape {advantages.shape}; pass one per sequence {logp.shape[:1]} "
-            f"or one per token {logp.shape}.")
+            f"or one per token {logp.shape}."
+        )
     for name, eps in (("eps_low", eps_low), ("eps_high", eps_high)):
         if isinstance(eps, numbers.Real) and eps < 0:
             raise ValueError(f"{name} must be >= 0; got {eps}.")
@@ -268,8 +272,19 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high,
         raise ValueError(f"beta={beta} needs ref_logp (the reference policy's token log-probs).")
 
 
-def policy_loss(logp, old_logp, advantages, mask, *, level, eps_low=None, eps_high=None,
-                aggregation=None, ref_logp=None, beta=0.0):
+def policy_loss(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    *,
+    level,
+    eps_low=None,
+    eps_high=None,
+    aggregation=None,
+    ref_logp=None,
+    beta=0.0,
+):
     """Clipped policy-gradient loss -J (+ beta * KL to a reference) and its metrics.
 
     Args:
@@ -342,8 +357,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, level, eps_low=None, eps_hi
         "ratio/mean": _masked_mean(terms.ratio, ratio_mask),
         "ratio/min": _masked_min(terms.ratio, ratio_mask),
         "ratio/max": _masked_max(terms.ratio, ratio_mask),
-        "log_ratio_seq/abs_mean": _masked_mean(
-            jnp.abs(_sequence_log_ratio(log_ratio_bt, mask_bt)), valid_b),
+        "log_ratio_seq/abs_mean": _masked_mean(jnp.abs(_sequence_log_ratio(log_ratio_bt, mask_bt)), valid_b),
         "kl": token_mean(_k3(log_ratio_bt), mask_bt),
         "advantage/mean": _masked_mean(advantages, advantage_mask),
         "advantage/std": _masked_std(advantages, advantage_mask),

@@ -15,6 +15,7 @@ Only process 0 writes files and prints. Files under `workdir`:
 Lines without a phase (or with phase "rl") are RL lines: they move the progress bar and feed the
 RL plots. Other phases (e.g. "warmstart") are logged and plotted, but never move the RL bar.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,8 +82,7 @@ def to_json_value(value: Any, name: str = "value") -> Any:
     if isinstance(value, (list, tuple)):
         return [to_json_value(v, name) for v in value]
     raise TypeError(
-        f"metric {name!r} has type {type(value).__name__}; pass numbers, arrays, strings, "
-        "lists or dicts"
+        f"metric {name!r} has type {type(value).__name__}; pass numbers, arrays, strings, lists or dicts"
     )
 
 
@@ -221,8 +221,12 @@ class MetricsWriter:
             from tqdm import tqdm
 
             self._bar = tqdm(
-                total=self.total_steps, initial=step, file=self._stream, unit="step",
-                dynamic_ncols=True, desc="RL",
+                total=self.total_steps,
+                initial=step,
+                file=self._stream,
+                unit="step",
+                dynamic_ncols=True,
+                desc="RL",
             )
 
     def _postfix_text(self, sep: str) -> str:
@@ -277,7 +281,8 @@ class MetricsWriter:
             # second (after truncate_after) would overwrite its predecessor without a suffix.
             self._tb_opened += 1
             self._tb_writers[phase] = SummaryWriter(
-                str(self.workdir / "tb" / phase), purge_step=self._tb_purge_step.pop(phase, None),
+                str(self.workdir / "tb" / phase),
+                purge_step=self._tb_purge_step.pop(phase, None),
                 filename_suffix=f".{os.getpid()}.{self._tb_opened}",
             )
         return self._tb_writers[phase]
@@ -289,9 +294,7 @@ class MetricsWriter:
         """
         reserved = {"step", "phase"} & set(metrics)
         if reserved:
-            raise ValueError(
-                f"metric names {sorted(reserved)} are reserved for the line header; rename them"
-            )
+            raise ValueError(f"metric names {sorted(reserved)} are reserved for the line header; rename them")
         if not self.is_writer:
             return
         # One device_get for all values; over a list, so the caller's key order is kept.
@@ -352,10 +355,7 @@ class MetricsWriter:
     def _rewrite_kept(self, handle: TextIO, name: str, step: int, keep_phases: set[str]) -> TextIO:
         handle.close()
         path = self.workdir / name
-        kept = [
-            r for r in read_jsonl(path)
-            if r.get("step", 0) <= step or r.get("phase") in keep_phases
-        ]
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step or r.get("phase") in keep_phases]
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             for record in kept:
@@ -449,8 +449,9 @@ def plot_metrics(workdir: str | os.PathLike) -> list[Path]:
         _save(figure, axes, out / "reward.png", written)
 
     phases = sorted({r["phase"] for r in records if not _is_rl_phase(r.get("phase"))})
-    eval_by_phase = {p: _series([r for r in records if r.get("phase") == p], EVAL_ACCURACY_KEY)
-                     for p in phases}
+    eval_by_phase = {
+        p: _series([r for r in records if r.get("phase") == p], EVAL_ACCURACY_KEY) for p in phases
+    }
     rl_eval = _series(rl, EVAL_ACCURACY_KEY)
     if rl_eval[0].size or any(s.size for s, _ in eval_by_phase.values()):
         figure, axes = _new_axes("Eval accuracy", "accuracy")
@@ -459,8 +460,9 @@ def plot_metrics(workdir: str | os.PathLike) -> list[Path]:
         markers = "s^vD*"
         for i, (phase, (s, v)) in enumerate(eval_by_phase.items()):
             if s.size:
-                axes.plot(s, v, linestyle="--", marker=markers[i % len(markers)],
-                          label=f"{phase} (own step count)")
+                axes.plot(
+                    s, v, linestyle="--", marker=markers[i % len(markers)], label=f"{phase} (own step count)"
+                )
         _save(figure, axes, out / "eval_accuracy.png", written)
 
     clip = [(key, _series(rl, key)) for key in CLIP_FRACTION_KEYS]

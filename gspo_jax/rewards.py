@@ -16,6 +16,7 @@ Config: `fns` is a list or comma-separated string of registered names (`math_ans
 function (default 1.0 each); `fn_kwargs` maps a function's name to keyword arguments bound to it
 (e.g. `{"format": {"pattern": r"^<answer>\\d+</answer>$"}}`). The total reward is the weighted sum.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,8 +49,7 @@ def register_reward(name: str, fn: RewardFn | None = None, *, overwrite: bool = 
     def register(f: RewardFn) -> RewardFn:
         if name in _REGISTRY and _REGISTRY[name] is not f and not overwrite:
             raise ValueError(
-                f"a reward named {name!r} is already registered: pick another name or pass "
-                "overwrite=True."
+                f"a reward named {name!r} is already registered: pick another name or pass overwrite=True."
             )
         _REGISTRY[name] = f
         return f
@@ -124,8 +124,7 @@ def _same_answer(predicted: str | None, answer: Any) -> bool:
 
 
 @register_reward("math_answer")
-def math_answer(prompts: list[str], completions: list[str], *, answer: list[Any],
-                **fields) -> list[float]:
+def math_answer(prompts: list[str], completions: list[str], *, answer: list[Any], **fields) -> list[float]:
     """1.0 if the completion's answer equals `answer` numerically, else 0.0.
 
     The completion's answer is the last `\\boxed{...}` content, else its last number.
@@ -133,13 +132,13 @@ def math_answer(prompts: list[str], completions: list[str], *, answer: list[Any]
     non-numeric boxed answer is compared as text with spaces removed.
     """
     del prompts, fields
-    return [float(_same_answer(extract_answer(c), a))
-            for c, a in zip(completions, answer, strict=True)]
+    return [float(_same_answer(extract_answer(c), a)) for c, a in zip(completions, answer, strict=True)]
 
 
 @register_reward("format")
-def format_reward(prompts: list[str], completions: list[str], *,
-                  pattern: str = DEFAULT_FORMAT_PATTERN, **fields) -> list[float]:
+def format_reward(
+    prompts: list[str], completions: list[str], *, pattern: str = DEFAULT_FORMAT_PATTERN, **fields
+) -> list[float]:
     """1.0 if `pattern` occurs in the completion (`re.search`, `.` matching newlines), else 0.0.
 
     The default accepts `<answer>...</answer>` or `\\boxed{...}` with non-empty content anywhere.
@@ -180,8 +179,7 @@ def resolve_reward(spec: str) -> tuple[str, RewardFn]:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ValueError(
-            f"reward {spec!r}: module {module_name!r} has no function {attr!r}; check the name "
-            "after the ':'."
+            f"reward {spec!r}: module {module_name!r} has no function {attr!r}; check the name after the ':'."
         )
     return spec, fn  # named as the user wrote it, in metrics and errors
 
@@ -227,18 +225,18 @@ class _BoundReward:
         except (TypeError, ValueError):  # builtins without a signature: pass everything
             return cls(name, fn, weight, True, frozenset(), frozenset())
         takes_all = any(p.kind is p.VAR_KEYWORD for p in params)
-        accepted = frozenset(
-            p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-        )
+        accepted = frozenset(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
         if not takes_all and "completions" not in accepted:
             raise ValueError(
                 f"reward {name!r} must accept a `completions` argument: write it as "
                 "fn(prompts, completions, **fields) -> list[float]."
             )
         required = frozenset(
-            p.name for p in params
+            p.name
+            for p in params
             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-            and p.default is p.empty and p.name not in _CALL_ARGUMENTS
+            and p.default is p.empty
+            and p.name not in _CALL_ARGUMENTS
         )
         return cls(name, fn, weight, takes_all, accepted, required)
 
@@ -255,15 +253,17 @@ class RewardSet:
         self._rewards = tuple(rewards)
 
     @classmethod
-    def from_config(cls, fns: str | Sequence[str],
-                    weights: str | Sequence[float] | None = None,
-                    fn_kwargs: Mapping[str, Mapping[str, Any]] | None = None) -> RewardSet:
+    def from_config(
+        cls,
+        fns: str | Sequence[str],
+        weights: str | Sequence[float] | None = None,
+        fn_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> RewardSet:
         """Builds the set from config values; raises ValueError naming any bad entry."""
         specs = _parse_list(fns)
         if not specs:
             raise ValueError(
-                "no reward functions given: set the reward fns to e.g. 'math_answer' or "
-                "'sort_digits,format'."
+                "no reward functions given: set the reward fns to e.g. 'math_answer' or 'sort_digits,format'."
             )
         raw_weights = _parse_list(weights) or [1.0] * len(specs)
         if len(raw_weights) != len(specs):
@@ -282,9 +282,7 @@ class RewardSet:
             try:
                 weight = float(raw_weight)
             except (TypeError, ValueError):
-                raise ValueError(
-                    f"reward weight {raw_weight!r} for {name!r} is not a number."
-                ) from None
+                raise ValueError(f"reward weight {raw_weight!r} for {name!r} is not a number.") from None
             if not math.isfinite(weight):
                 raise ValueError(f"reward weight for {name!r} must be finite, got {weight}.")
             if name in fn_kwargs:
@@ -316,13 +314,20 @@ class RewardSet:
                     f"have {sorted(columns)}: add them to every record or drop the reward."
                 )
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str],
-                 completion_ids: Sequence[Sequence[int]] | None = None,
-                 **fields: Sequence[Any]) -> RewardOutput:
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        **fields: Sequence[Any],
+    ) -> RewardOutput:
         """Rewards for N completions; every argument is a list of length N."""
         n = len(completions)
-        arguments = {"prompts": list(prompts), "completions": list(completions), **{
-            k: list(v) for k, v in fields.items()}}
+        arguments = {
+            "prompts": list(prompts),
+            "completions": list(completions),
+            **{k: list(v) for k, v in fields.items()},
+        }
         if completion_ids is not None:
             arguments["completion_ids"] = [list(ids) for ids in completion_ids]
         bad = {k: len(v) for k, v in arguments.items() if len(v) != n}
@@ -338,19 +343,20 @@ class RewardSet:
     @staticmethod
     def _run(reward: _BoundReward, arguments: Mapping[str, list[Any]], n: int) -> np.ndarray:
         def sample(i: int) -> str:
-            return (f"sample {i}: prompt={_shown(arguments['prompts'][i])}, "
-                    f"completion={_shown(arguments['completions'][i])}")
+            return (
+                f"sample {i}: prompt={_shown(arguments['prompts'][i])}, "
+                f"completion={_shown(arguments['completions'][i])}"
+            )
 
         try:
             result = reward.call(arguments)
         except Exception as batch_error:  # noqa: BLE001 - any user error gets located below
             for i in range(n):
                 try:
-                    reward.call({k: v[i:i + 1] for k, v in arguments.items()})
+                    reward.call({k: v[i : i + 1] for k, v in arguments.items()})
                 except Exception as e:  # noqa: BLE001
                     raise RewardFunctionError(
-                        f"reward function {reward.name!r} raised {type(e).__name__}: {e} on "
-                        f"{sample(i)}"
+                        f"reward function {reward.name!r} raised {type(e).__name__}: {e} on {sample(i)}"
                     ) from e
             raise RewardFunctionError(
                 f"reward function {reward.name!r} raised {type(batch_error).__name__}: "
@@ -360,8 +366,7 @@ class RewardSet:
             values = list(result)
         except TypeError:
             raise RewardFunctionError(
-                f"reward function {reward.name!r} returned {type(result).__name__}, not a list "
-                f"of {n} floats."
+                f"reward function {reward.name!r} returned {type(result).__name__}, not a list of {n} floats."
             ) from None
         if len(values) != n:
             raise RewardFunctionError(

@@ -24,6 +24,7 @@ That is the quantity the trainer recomputes for pi_old and pi_theta (it has no t
 sampler's log-probs can stand in for pi_old and the sampler-vs-trainer gap measures only numerics.
 Greedy decoding (temperature 0) reports log-probs under temperature 1.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,198 +38,231 @@ from flax import nnx
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SampleOutput:
-  """Completions of B prompts x G samples, rows prompt-major (rows i*G .. i*G+G-1 are prompt i's).
+    """Completions of B prompts x G samples, rows prompt-major (rows i*G .. i*G+G-1 are prompt i's).
 
-  completion_ids: [B*G, N] int32, pad_id after the stop token (or after N tokens);
-  completion_mask: [B*G, N] int32, 1 on generated tokens including the stop token, else 0;
-  logprobs: [B*G, N] float32, log-prob of each generated token (see module docstring), 0 where masked;
-  lengths: [B*G] int32, number of generated tokens (the mask's row sums).
-  """
-  completion_ids: jax.Array
-  completion_mask: jax.Array
-  logprobs: jax.Array
-  lengths: jax.Array
+    completion_ids: [B*G, N] int32, pad_id after the stop token (or after N tokens);
+    completion_mask: [B*G, N] int32, 1 on generated tokens including the stop token, else 0;
+    logprobs: [B*G, N] float32, log-prob of each generated token (see module docstring), 0 where masked;
+    lengths: [B*G] int32, number of generated tokens (the mask's row sums).
+    """
+
+    completion_ids: jax.Array
+    completion_mask: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
 
 
 def policy_logprobs(logits_rv, temperature: float):
-  """log_softmax(logits / T) in fp32, [R, V]; temperature 0 (greedy) scores under T = 1."""
-  scale = temperature if temperature > 0 else 1.0
-  return jax.nn.log_softmax(logits_rv.astype(jnp.float32) / scale, axis=-1)
+    """log_softmax(logits / T) in fp32, [R, V]; temperature 0 (greedy) scores under T = 1."""
+    scale = temperature if temperature > 0 else 1.0
+    return jax.nn.log_softmax(logits_rv.astype(jnp.float32) / scale, axis=-1)
 
 
 def _inverse_cdf_choice(key, weights_rk):
-  """One index per row drawn with probability weights / row sum (weights >= 0, not all zero).
+    """One index per row drawn with probability weights / row sum (weights >= 0, not all zero).
 
-  Uses one uniform per row instead of a Gumbel draw per vocabulary entry; u lies in (0, 1], so an
-  index with zero weight is never returned.
-  """
-  cdf = jnp.cumsum(weights_rk, axis=-1)
-  u = 1.0 - jax.random.uniform(key, (weights_rk.shape[0], 1), jnp.float32)
-  index = jnp.sum(cdf < u * cdf[:, -1:], axis=-1)
-  return jnp.minimum(index, weights_rk.shape[-1] - 1).astype(jnp.int32)
+    Uses one uniform per row instead of a Gumbel draw per vocabulary entry; u lies in (0, 1], so an
+    index with zero weight is never returned.
+    """
+    cdf = jnp.cumsum(weights_rk, axis=-1)
+    u = 1.0 - jax.random.uniform(key, (weights_rk.shape[0], 1), jnp.float32)
+    index = jnp.sum(cdf < u * cdf[:, -1:], axis=-1)
+    return jnp.minimum(index, weights_rk.shape[-1] - 1).astype(jnp.int32)
 
 
 def _nucleus_floor(p_rv, top_p: float):
-  """[R] smallest probability q such that the tokens strictly more likely than q hold < top_p mass.
+    """[R] smallest probability q such that the tokens strictly more likely than q hold < top_p mass.
 
-  The nucleus is {p >= q}: a token is kept iff the mass above it is below top_p (so the token that
-  crosses top_p is kept). Found by bisection over float32 bit patterns (31 masked sums over the
-  vocabulary), which is far cheaper on large vocabularies than sorting them.
-  """
-  mass_above = lambda q_r: jnp.sum(jnp.where(p_rv > q_r[:, None], p_rv, 0.0), axis=-1)
-  bits = lambda q: jax.lax.bitcast_convert_type(q, jnp.int32)
+    The nucleus is {p >= q}: a token is kept iff the mass above it is below top_p (so the token that
+    crosses top_p is kept). Found by bisection over float32 bit patterns (31 masked sums over the
+    vocabulary), which is far cheaper on large vocabularies than sorting them.
+    """
+    mass_above = lambda q_r: jnp.sum(jnp.where(p_rv > q_r[:, None], p_rv, 0.0), axis=-1)
+    bits = lambda q: jax.lax.bitcast_convert_type(q, jnp.int32)
 
-  def halve(_, bounds):
-    lo, hi = bounds  # mass_above(hi) < top_p; every pattern below lo has mass_above >= top_p
-    mid = lo + (hi - lo) // 2
-    below = mass_above(jax.lax.bitcast_convert_type(mid, jnp.float32)) < top_p
-    return jnp.where(below, lo, mid + 1), jnp.where(below, mid, hi)
+    def halve(_, bounds):
+        lo, hi = bounds  # mass_above(hi) < top_p; every pattern below lo has mass_above >= top_p
+        mid = lo + (hi - lo) // 2
+        below = mass_above(jax.lax.bitcast_convert_type(mid, jnp.float32)) < top_p
+        return jnp.where(below, lo, mid + 1), jnp.where(below, mid, hi)
 
-  hi = bits(jnp.max(p_rv, axis=-1))
-  _, hi = jax.lax.fori_loop(0, 31, halve, (jnp.zeros_like(hi), hi))
-  return jax.lax.bitcast_convert_type(hi, jnp.float32)
+    hi = bits(jnp.max(p_rv, axis=-1))
+    _, hi = jax.lax.fori_loop(0, 31, halve, (jnp.zeros_like(hi), hi))
+    return jax.lax.bitcast_convert_type(hi, jnp.float32)
 
 
 def sample_next(key, logits_rv, *, temperature: float, top_k: int = 0, top_p: float = 1.0):
-  """Next tokens [R] int32 and their log-probs [R] float32 from logits [R, V].
+    """Next tokens [R] int32 and their log-probs [R] float32 from logits [R, V].
 
-  temperature 0: argmax. Otherwise softmax(logits / T) restricted to the top_k most likely tokens
-  (0: all), then to the smallest most-likely prefix whose renormalised mass reaches top_p (the token
-  that crosses top_p is kept); the same order as transformers' TopK then TopP warpers. Log-probs
-  are always under the untruncated distribution (see the module docstring).
-  """
-  logp_rv = policy_logprobs(logits_rv, temperature)
-  vocab = logits_rv.shape[-1]
-  if temperature <= 0:
-    tokens = jnp.argmax(logits_rv, axis=-1).astype(jnp.int32)
-  elif top_k <= 0:
-    p_rv = jnp.exp(logp_rv)
-    if top_p < 1.0:
-      p_rv = jnp.where(p_rv >= _nucleus_floor(p_rv, top_p)[:, None], p_rv, 0.0)
-    tokens = _inverse_cdf_choice(key, p_rv)
-  else:
-    cand_logp_rk, cand_ids_rk = jax.lax.top_k(logp_rv, min(top_k, vocab))  # most likely first
-    cand_p_rk = jax.nn.softmax(cand_logp_rk, axis=-1)
-    if top_p < 1.0:
-      mass_before_rk = jnp.cumsum(cand_p_rk, axis=-1) - cand_p_rk
-      cand_p_rk = jnp.where(mass_before_rk < top_p, cand_p_rk, 0.0)
-    choice = _inverse_cdf_choice(key, cand_p_rk)
-    tokens = jnp.take_along_axis(cand_ids_rk, choice[:, None], axis=-1)[:, 0]
-  return tokens, jnp.take_along_axis(logp_rv, tokens[:, None], axis=-1)[:, 0]
+    temperature 0: argmax. Otherwise softmax(logits / T) restricted to the top_k most likely tokens
+    (0: all), then to the smallest most-likely prefix whose renormalised mass reaches top_p (the token
+    that crosses top_p is kept); the same order as transformers' TopK then TopP warpers. Log-probs
+    are always under the untruncated distribution (see the module docstring).
+    """
+    logp_rv = policy_logprobs(logits_rv, temperature)
+    vocab = logits_rv.shape[-1]
+    if temperature <= 0:
+        tokens = jnp.argmax(logits_rv, axis=-1).astype(jnp.int32)
+    elif top_k <= 0:
+        p_rv = jnp.exp(logp_rv)
+        if top_p < 1.0:
+            p_rv = jnp.where(p_rv >= _nucleus_floor(p_rv, top_p)[:, None], p_rv, 0.0)
+        tokens = _inverse_cdf_choice(key, p_rv)
+    else:
+        cand_logp_rk, cand_ids_rk = jax.lax.top_k(logp_rv, min(top_k, vocab))  # most likely first
+        cand_p_rk = jax.nn.softmax(cand_logp_rk, axis=-1)
+        if top_p < 1.0:
+            mass_before_rk = jnp.cumsum(cand_p_rk, axis=-1) - cand_p_rk
+            cand_p_rk = jnp.where(mass_before_rk < top_p, cand_p_rk, 0.0)
+        choice = _inverse_cdf_choice(key, cand_p_rk)
+        tokens = jnp.take_along_axis(cand_ids_rk, choice[:, None], axis=-1)[:, 0]
+    return tokens, jnp.take_along_axis(logp_rv, tokens[:, None], axis=-1)[:, 0]
 
 
 class _DecodeState(NamedTuple):
-  step: jax.Array  # index of the last recorded token
-  token_r: jax.Array  # [R] last sampled token
-  done_r: jax.Array  # [R] bool: the row has produced a stop id
-  cache: list
-  ids_rn: jax.Array
-  mask_rn: jax.Array
-  logp_rn: jax.Array
+    step: jax.Array  # index of the last recorded token
+    token_r: jax.Array  # [R] last sampled token
+    done_r: jax.Array  # [R] bool: the row has produced a stop id
+    cache: list
+    ids_rn: jax.Array
+    mask_rn: jax.Array
+    logp_rn: jax.Array
 
 
 class Sampler:
-  """Jitted generation of G completions per prompt from a model's graphdef and static settings.
+    """Jitted generation of G completions per prompt from a model's graphdef and static settings.
 
-  Args:
-    graphdef: `graphdef, params = nnx.split(model)`; params are passed per call.
-    max_new_tokens: N, the completion width.
-    num_samples: G completions per prompt (sharing one prefill).
-    temperature: 0 for greedy, else softmax temperature.
-    top_k: sample among the k most likely tokens (0: no limit).
-    top_p: nucleus mass in (0, 1] (1: no limit).
-    stop_ids: token ids that end a completion (the stop token is kept, with mask 1).
-    pad_id: written after a completion ends.
-    cache_dtype: KV cache dtype (e.g. "bfloat16"); default the model's compute dtype (on CPU
-      float32 is faster, see the module docstring).
-    out_shardings: optional jax.jit out_shardings for the SampleOutput (e.g. batch-sharded rows).
-  """
+    Args:
+      graphdef: `graphdef, params = nnx.split(model)`; params are passed per call.
+      max_new_tokens: N, the completion width.
+      num_samples: G completions per prompt (sharing one prefill).
+      temperature: 0 for greedy, else softmax temperature.
+      top_k: sample among the k most likely tokens (0: no limit).
+      top_p: nucleus mass in (0, 1] (1: no limit).
+      stop_ids: token ids that end a completion (the stop token is kept, with mask 1).
+      pad_id: written after a completion ends.
+      cache_dtype: KV cache dtype (e.g. "bfloat16"); default the model's compute dtype (on CPU
+        float32 is faster, see the module docstring).
+      out_shardings: optional jax.jit out_shardings for the SampleOutput (e.g. batch-sharded rows).
+    """
 
-  def __init__(self, graphdef, *, max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
-               top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (), pad_id: int = 0,
-               cache_dtype=None, out_shardings=None):
-    errors = []
-    if max_new_tokens < 1:
-      errors.append(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if num_samples < 1:
-      errors.append(f"num_samples={num_samples} must be >= 1")
-    if temperature < 0:
-      errors.append(f"temperature={temperature} must be >= 0 (0 means greedy)")
-    if top_k < 0:
-      errors.append(f"top_k={top_k} must be >= 0 (0 means no top-k limit)")
-    if not 0.0 < top_p <= 1.0:
-      errors.append(f"top_p={top_p} must be in (0, 1] (1 means no nucleus limit)")
-    if errors:
-      raise ValueError("Invalid Sampler settings:\n  " + "\n  ".join(errors))
-    self.graphdef = graphdef
-    self.max_new_tokens = int(max_new_tokens)
-    self.num_samples = int(num_samples)
-    self.temperature = float(temperature)
-    self.top_k = int(top_k)
-    self.top_p = float(top_p)
-    self.stop_ids = tuple(int(i) for i in stop_ids)
-    self.pad_id = int(pad_id)
-    self.cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype)
-    self._generate = jax.jit(self._generate_impl, out_shardings=out_shardings)
+    def __init__(
+        self,
+        graphdef,
+        *,
+        max_new_tokens: int,
+        num_samples: int = 1,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop_ids: Sequence[int] = (),
+        pad_id: int = 0,
+        cache_dtype=None,
+        out_shardings=None,
+    ):
+        errors = []
+        if max_new_tokens < 1:
+            errors.append(f"max_new_tokens={max_new_tokens} must be >= 1")
+        if num_samples < 1:
+            errors.append(f"num_samples={num_samples} must be >= 1")
+        if temperature < 0:
+            errors.append(f"temperature={temperature} must be >= 0 (0 means greedy)")
+        if top_k < 0:
+            errors.append(f"top_k={top_k} must be >= 0 (0 means no top-k limit)")
+        if not 0.0 < top_p <= 1.0:
+            errors.append(f"top_p={top_p} must be in (0, 1] (1 means no nucleus limit)")
+        if errors:
+            raise ValueError("Invalid Sampler settings:\n  " + "\n  ".join(errors))
+        self.graphdef = graphdef
+        self.max_new_tokens = int(max_new_tokens)
+        self.num_samples = int(num_samples)
+        self.temperature = float(temperature)
+        self.top_k = int(top_k)
+        self.top_p = float(top_p)
+        self.stop_ids = tuple(int(i) for i in stop_ids)
+        self.pad_id = int(pad_id)
+        self.cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype)
+        self._generate = jax.jit(self._generate_impl, out_shardings=out_shardings)
 
-  def __call__(self, params, prompt_ids, prompt_mask, rng) -> SampleOutput:
-    """prompt_ids, prompt_mask: [B, P], left-padded (mask 1 on real tokens); rng: a jax PRNG key."""
-    if len(prompt_ids.shape) != 2 or tuple(prompt_mask.shape) != tuple(prompt_ids.shape):
-      raise ValueError(
-          f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} must both "
-          "be [batch, prompt_len]: left-pad prompts to one width and pass a mask of the same shape")
-    return self._generate(params, prompt_ids, prompt_mask, rng)
+    def __call__(self, params, prompt_ids, prompt_mask, rng) -> SampleOutput:
+        """prompt_ids, prompt_mask: [B, P], left-padded (mask 1 on real tokens); rng: a jax PRNG key."""
+        if len(prompt_ids.shape) != 2 or tuple(prompt_mask.shape) != tuple(prompt_ids.shape):
+            raise ValueError(
+                f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} must both "
+                "be [batch, prompt_len]: left-pad prompts to one width and pass a mask of the same shape"
+            )
+        return self._generate(params, prompt_ids, prompt_mask, rng)
 
-  def _sample(self, rng, step, logits_rv):
-    return sample_next(jax.random.fold_in(rng, step), logits_rv, temperature=self.temperature,
-                       top_k=self.top_k, top_p=self.top_p)
+    def _sample(self, rng, step, logits_rv):
+        return sample_next(
+            jax.random.fold_in(rng, step),
+            logits_rv,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+        )
 
-  def _record(self, state: _DecodeState, step, tokens_r, logp_r) -> _DecodeState:
-    """Writes column `step` for rows still running and marks rows that produced a stop id."""
-    alive_r = ~state.done_r
-    ids = jnp.where(alive_r, tokens_r, self.pad_id).astype(jnp.int32)
-    stopped_r = alive_r & jnp.isin(tokens_r, jnp.asarray(self.stop_ids, jnp.int32))
-    column = lambda buf, col: jax.lax.dynamic_update_slice(buf, col[:, None].astype(buf.dtype), (0, step))
-    return state._replace(
-        step=step, token_r=ids, done_r=state.done_r | stopped_r,
-        ids_rn=column(state.ids_rn, ids),
-        mask_rn=column(state.mask_rn, alive_r.astype(jnp.int32)),
-        logp_rn=column(state.logp_rn, jnp.where(alive_r, logp_r, 0.0)))
+    def _record(self, state: _DecodeState, step, tokens_r, logp_r) -> _DecodeState:
+        """Writes column `step` for rows still running and marks rows that produced a stop id."""
+        alive_r = ~state.done_r
+        ids = jnp.where(alive_r, tokens_r, self.pad_id).astype(jnp.int32)
+        stopped_r = alive_r & jnp.isin(tokens_r, jnp.asarray(self.stop_ids, jnp.int32))
+        column = lambda buf, col: jax.lax.dynamic_update_slice(buf, col[:, None].astype(buf.dtype), (0, step))
+        return state._replace(
+            step=step,
+            token_r=ids,
+            done_r=state.done_r | stopped_r,
+            ids_rn=column(state.ids_rn, ids),
+            mask_rn=column(state.mask_rn, alive_r.astype(jnp.int32)),
+            logp_rn=column(state.logp_rn, jnp.where(alive_r, logp_r, 0.0)),
+        )
 
-  def _generate_impl(self, params, prompt_ids, prompt_mask, rng) -> SampleOutput:
-    model = nnx.merge(self.graphdef, params)
-    batch, width = prompt_ids.shape
-    g, n = self.num_samples, self.max_new_tokens
-    valid_bp = prompt_mask.astype(bool)
-    cache = model.init_cache(batch, width + n - 1, self.cache_dtype)
-    prefill = model.forward(prompt_ids.astype(jnp.int32), valid_bt=valid_bp, cache=cache, cache_start=0)
-    last_logits_bv = model.logits(prefill.hidden[:, -1])
-    # G samples per prompt: repeat the prefilled cache, not the prefill.
-    repeat = lambda x: jnp.repeat(x, g, axis=0)
-    cache = jax.tree.map(repeat, prefill.cache)
-    logits_rv = repeat(last_logits_bv)
-    rows = batch * g
-    first_pos_r = repeat(jnp.sum(valid_bp, axis=-1, dtype=jnp.int32))  # position of token 0
+    def _generate_impl(self, params, prompt_ids, prompt_mask, rng) -> SampleOutput:
+        model = nnx.merge(self.graphdef, params)
+        batch, width = prompt_ids.shape
+        g, n = self.num_samples, self.max_new_tokens
+        valid_bp = prompt_mask.astype(bool)
+        cache = model.init_cache(batch, width + n - 1, self.cache_dtype)
+        prefill = model.forward(prompt_ids.astype(jnp.int32), valid_bt=valid_bp, cache=cache, cache_start=0)
+        last_logits_bv = model.logits(prefill.hidden[:, -1])
+        # G samples per prompt: repeat the prefilled cache, not the prefill.
+        repeat = lambda x: jnp.repeat(x, g, axis=0)
+        cache = jax.tree.map(repeat, prefill.cache)
+        logits_rv = repeat(last_logits_bv)
+        rows = batch * g
+        first_pos_r = repeat(jnp.sum(valid_bp, axis=-1, dtype=jnp.int32))  # position of token 0
 
-    state = _DecodeState(
-        step=jnp.zeros((), jnp.int32), token_r=jnp.zeros((rows,), jnp.int32),
-        done_r=jnp.zeros((rows,), bool), cache=cache,
-        ids_rn=jnp.full((rows, n), self.pad_id, jnp.int32), mask_rn=jnp.zeros((rows, n), jnp.int32),
-        logp_rn=jnp.zeros((rows, n), jnp.float32))
-    state = self._record(state, 0, *self._sample(rng, 0, logits_rv))
+        state = _DecodeState(
+            step=jnp.zeros((), jnp.int32),
+            token_r=jnp.zeros((rows,), jnp.int32),
+            done_r=jnp.zeros((rows,), bool),
+            cache=cache,
+            ids_rn=jnp.full((rows, n), self.pad_id, jnp.int32),
+            mask_rn=jnp.zeros((rows, n), jnp.int32),
+            logp_rn=jnp.zeros((rows, n), jnp.float32),
+        )
+        state = self._record(state, 0, *self._sample(rng, 0, logits_rv))
 
-    def running(state):
-      return (state.step + 1 < n) & ~jnp.all(state.done_r)
+        def running(state):
+            return (state.step + 1 < n) & ~jnp.all(state.done_r)
 
-    def decode_one(state):
-      fed = state.step  # feed token `fed` at slot width + fed, position first_pos + fed
-      out = model.forward(state.token_r[:, None], valid_bt=~state.done_r[:, None],
-                          positions_bt=(first_pos_r + fed)[:, None], cache=state.cache,
-                          cache_start=width + fed)
-      step = fed + 1
-      tokens_r, logp_r = self._sample(rng, step, model.logits(out.hidden[:, 0]))
-      return self._record(state._replace(cache=out.cache), step, tokens_r, logp_r)
+        def decode_one(state):
+            fed = state.step  # feed token `fed` at slot width + fed, position first_pos + fed
+            out = model.forward(
+                state.token_r[:, None],
+                valid_bt=~state.done_r[:, None],
+                positions_bt=(first_pos_r + fed)[:, None],
+                cache=state.cache,
+                cache_start=width + fed,
+            )
+            step = fed + 1
+            tokens_r, logp_r = self._sample(rng, step, model.logits(out.hidden[:, 0]))
+            return self._record(state._replace(cache=out.cache), step, tokens_r, logp_r)
 
-    state = jax.lax.while_loop(running, decode_one, state)
-    return SampleOutput(completion_ids=state.ids_rn, completion_mask=state.mask_rn,
-                        logprobs=state.logp_rn, lengths=jnp.sum(state.mask_rn, axis=-1, dtype=jnp.int32))
+        state = jax.lax.while_loop(running, decode_one, state)
+        return SampleOutput(
+            completion_ids=state.ids_rn,
+            completion_mask=state.mask_rn,
+            logprobs=state.logp_rn,
+            lengths=jnp.sum(state.mask_rn, axis=-1, dtype=jnp.int32),
+        )

@@ -8,6 +8,7 @@ Train and eval are disjoint by construction: every possible problem belongs to e
 chosen by a stable hash of its prompt text (1 problem in `EVAL_HASH_MODULUS` is eval), so no
 seed or size can leak eval problems into training.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -94,8 +95,9 @@ class Task:
             records.append({"prompt": prompt, "answer": answer})
         return records
 
-    def reward_fn(self, prompts: list[str], completions: list[str], *, answer: list[str],
-                  **fields) -> list[float]:
+    def reward_fn(
+        self, prompts: list[str], completions: list[str], *, answer: list[str], **fields
+    ) -> list[float]:
         """Partial-credit reward in the reward signature of `gspo_jax.rewards`."""
         del prompts, fields
         return [self.score(c, str(a)) for c, a in zip(completions, answer, strict=True)]
@@ -168,7 +170,5 @@ def get_task(name: str, **kwargs) -> Task:
     accepted = inspect.signature(factory).parameters
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ValueError(
-            f"task {name!r} got unknown options {unknown}: it accepts {sorted(accepted)}."
-        )
+        raise ValueError(f"task {name!r} got unknown options {unknown}: it accepts {sorted(accepted)}.")
     return factory(**kwargs)

@@ -5,6 +5,7 @@ and its tiny model has a tiny vocabulary (`len(builtin_tokenizer())` == 64). It 
 `transformers` fast tokenizer: `save_pretrained` writes an HF directory that
 `AutoTokenizer.from_pretrained` loads back unchanged.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Test-wide settings: eight simulated CPU devices, no hub access, fp32 matmuls."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")

@@ -1,4 +1,5 @@
 """Tests for gspo_jax.checkpoint: round trips, keep-N/best, resume modes, corruption, preemption."""
+
 import json
 import logging
 import os
@@ -44,8 +45,12 @@ def _state(seed=0, w_shape=(64, 64)):
     opt_state = optax.adam(1e-3).init(params)
     # Make the Adam moments non-trivial so a mix-up of mu/nu would show.
     opt_state = jax.tree.map(lambda x: x + 0.5 if x.dtype != jnp.int32 else x + 3, opt_state)
-    return {"params": params, "opt": opt_state, "step": jnp.int32(7 + seed),
-            "rng": jax.random.key(100 + seed)}
+    return {
+        "params": params,
+        "opt": opt_state,
+        "step": jnp.int32(7 + seed),
+        "rng": jax.random.key(100 + seed),
+    }
 
 
 def _bits(x):
@@ -67,8 +72,9 @@ def _abstract(state):
 
 def _save(ckpt, step, seed=None, it=None, **kw):
     state = _state(step if seed is None else seed)
-    ckpt.save(step, state, it if it is not None else _iterator(step), CONFIG,
-              {"step": step, "phase": "rl"}, **kw)
+    ckpt.save(
+        step, state, it if it is not None else _iterator(step), CONFIG, {"step": step, "phase": "rl"}, **kw
+    )
     return state
 
 
@@ -83,7 +89,7 @@ def _corrupt(step_dir, how):
     data = bytearray(target.read_bytes())
     if how == "garbage":
         middle = len(data) // 2
-        data[middle:middle + 32] = bytes(range(200, 232))
+        data[middle : middle + 32] = bytes(range(200, 232))
         target.write_bytes(bytes(data))
     elif how == "truncate":
         target.write_bytes(bytes(data[: len(data) // 2]))
@@ -132,8 +138,7 @@ def test_restore_into_target_shardings_and_concrete_target(tmp_path):
         ckpt.save(1, saved, None, CONFIG, {}, force=True)
         ckpt.wait()
         other = {"w": NamedSharding(mesh, P("model", "data")), "keys": NamedSharding(mesh, P())}
-        target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=other[k])
-                  for k, v in saved.items()}
+        target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=other[k]) for k, v in saved.items()}
         state, _, _ = ckpt.restore(target, None)
         assert state["w"].sharding == other["w"] and state["keys"].sharding.is_fully_replicated
         _assert_bitwise_equal(state, {"w": w, "keys": keys})
@@ -163,8 +168,9 @@ def test_checksums_match_numpy_formula_and_see_one_flipped_bit():
     bf16 = jnp.asarray(f32).astype(jnp.bfloat16)
     i8 = np.arange(-5, 6, dtype=np.int8)
     flags = np.array([True, False, True])
-    got = C.state_checksums({"f32": jnp.asarray(f32), "bf16": bf16, "i8": jnp.asarray(i8),
-                             "flags": jnp.asarray(flags)})
+    got = C.state_checksums(
+        {"f32": jnp.asarray(f32), "bf16": bf16, "i8": jnp.asarray(i8), "flags": jnp.asarray(flags)}
+    )
     assert got["f32"] == _np_checksum(f32.view(np.uint32))
     assert got["bf16"] == _np_checksum(np.asarray(bf16).view(np.uint16))
     assert got["i8"] == _np_checksum(i8.view(np.uint8))
@@ -195,8 +201,9 @@ def test_keep_best_by_metric_keeps_best_and_latest(tmp_path):
             _save(ckpt, step, metrics=metrics)
         assert ckpt.all_steps() == [2, 5] and ckpt.best_step() == 2
     assert _step_dirs(tmp_path) == ["2", "5"]
-    with C.Checkpointer(tmp_path, keep=1, keep_best_by="eval/accuracy", best_mode="min",
-                        async_save=False) as ckpt:
+    with C.Checkpointer(
+        tmp_path, keep=1, keep_best_by="eval/accuracy", best_mode="min", async_save=False
+    ) as ckpt:
         assert ckpt.best_step() == 5
 
 
@@ -239,8 +246,7 @@ def test_resume_from_explicit_step_dir_or_workdir(tmp_path, caplog):
             ckpt.restore(_abstract(_state()), None, resume=str(source / "checkpoints" / "3"))
     with C.Checkpointer(run) as ckpt:
         it = _iterator()
-        state, _, step = ckpt.restore(_abstract(_state()), it,
-                                      resume=str(source / "checkpoints" / "3"))
+        state, _, step = ckpt.restore(_abstract(_state()), it, resume=str(source / "checkpoints" / "3"))
         assert step == 3 and int(next(it)) == [int(x) for x in _iterator()][3]
         _assert_bitwise_equal(state, saved[3])
         state, _, step = ckpt.restore(_abstract(_state()), None, resume=str(source))
@@ -300,7 +306,8 @@ def test_corrupt_steps_never_push_good_ones_out(tmp_path, caplog):
         assert ckpt.all_steps() == [2, 3] and "1" not in names
         assert sum(n.startswith("3.corrupt-") for n in names) == 1
     assert _tree_files(tmp_path / "spare") == _tree_files(
-        tmp_path / "checkpoints" / next(n for n in names if n.startswith("3.corrupt-")))
+        tmp_path / "checkpoints" / next(n for n in names if n.startswith("3.corrupt-"))
+    )
 
 
 def test_uncommitted_dirs_are_ignored(tmp_path, caplog):

@@ -1,5 +1,6 @@
 """Prompt pipelines: loading, validation, padding/buckets, over-long handling, shuffling,
 per-host sharding, epochs, checkpointing with grain + Orbax, chat templates, eval batches."""
+
 import dataclasses
 import json
 import logging
@@ -34,8 +35,7 @@ def write_jsonl(path, records):
 
 def file_config(path, **overrides):
     """A plain-dict data config (a ConfigDict is tested with the built-in task)."""
-    return {"path": path, "shuffle": False, "buckets": (4, 8, 16), "max_prompt_len": 16,
-            **overrides}
+    return {"path": path, "shuffle": False, "buckets": (4, 8, 16), "max_prompt_len": 16, **overrides}
 
 
 def take(dataset, n):
@@ -47,31 +47,42 @@ def numbered_records(n):
 
 
 def test_jsonl_batches_are_left_padded_to_the_smallest_fitting_bucket(tmp_path, tok):
-    path = write_jsonl(tmp_path / "d.jsonl",
-                       [{"prompt": "12", "answer": "a"}, {"prompt": "34567", "answer": "b"},
-                        {"prompt": "1", "answer": "c"}, {"prompt": "2", "answer": "d"}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": "12", "answer": "a"},
+            {"prompt": "34567", "answer": "b"},
+            {"prompt": "1", "answer": "c"},
+            {"prompt": "2", "answer": "d"},
+        ],
+    )
     ds = data.make_prompt_dataset(file_config(path), tok, prompts_per_step=2, seed=0)
     first, second = take(ds, 2)
     # Longest prompt has 5 tokens -> bucket 8.
-    np.testing.assert_array_equal(first.prompt_ids, [
-        [PAD] * 6 + digit_ids("12"),
-        [PAD] * 3 + digit_ids("34567"),
-    ])
+    np.testing.assert_array_equal(
+        first.prompt_ids,
+        [
+            [PAD] * 6 + digit_ids("12"),
+            [PAD] * 3 + digit_ids("34567"),
+        ],
+    )
     np.testing.assert_array_equal(first.prompt_mask, [[0] * 6 + [1] * 2, [0] * 3 + [1] * 5])
     assert first.prompt_ids.dtype == np.int32 and first.prompt_mask.dtype == np.int32
     assert first.prompts == ["12", "34567"] and first.fields == {"answer": ["a", "b"]}
     assert first.valid.tolist() == [True, True]
     # Longest prompt has 1 token -> bucket 4.
-    np.testing.assert_array_equal(second.prompt_ids, [[PAD] * 3 + digit_ids("1"),
-                                                      [PAD] * 3 + digit_ids("2")])
+    np.testing.assert_array_equal(second.prompt_ids, [[PAD] * 3 + digit_ids("1"), [PAD] * 3 + digit_ids("2")])
     assert ds.columns == ["answer"] and ds.buckets == (4, 8, 16) and ds.steps_per_epoch == 2
 
 
 def test_parquet_glob_and_list_sources(tmp_path, tok):
     pq.write_table(pa.table({"prompt": ["11", "22"], "answer": ["x", "y"]}), tmp_path / "a.parquet")
     write_jsonl(tmp_path / "b.jsonl", [{"prompt": "33", "answer": "z"}, {"prompt": "44"}])
-    for path in (str(tmp_path / "*"), [str(tmp_path / "a.parquet"), str(tmp_path / "b.jsonl")],
-                 f"{tmp_path / 'a.parquet'},{tmp_path / 'b.jsonl'}"):
+    for path in (
+        str(tmp_path / "*"),
+        [str(tmp_path / "a.parquet"), str(tmp_path / "b.jsonl")],
+        f"{tmp_path / 'a.parquet'},{tmp_path / 'b.jsonl'}",
+    ):
         ds = data.make_prompt_dataset(file_config(path), tok, prompts_per_step=4, seed=0)
         batch = next(ds)
         assert batch.prompts == ["11", "22", "33", "44"]
@@ -88,10 +99,13 @@ def test_buckets_above_max_prompt_len_are_replaced_by_it(tmp_path, tok):
     assert next(ds).prompt_ids.shape == (1, 20)
 
 
-@pytest.mark.parametrize("mode,prompts,dropped,truncated", [
-    ("drop", ["12"], 2, 0),
-    ("truncate", ["12", "123456", "1234567"], 0, 2),
-])
+@pytest.mark.parametrize(
+    "mode,prompts,dropped,truncated",
+    [
+        ("drop", ["12"], 2, 0),
+        ("truncate", ["12", "123456", "1234567"], 0, 2),
+    ],
+)
 def test_overlong_drop_and_truncate_are_counted(tmp_path, tok, mode, prompts, dropped, truncated):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": p} for p in ("12", "123456", "1234567")])
     cfg = file_config(path, max_prompt_len=4, buckets=(4,), overlong=mode)
@@ -101,8 +115,9 @@ def test_overlong_drop_and_truncate_are_counted(tmp_path, tok, mode, prompts, dr
     batch = next(ds)
     assert batch.prompts == prompts
     if mode == "truncate":  # the last 4 tokens are kept
-        np.testing.assert_array_equal(batch.prompt_ids, [
-            [PAD, PAD] + digit_ids("12"), digit_ids("3456"), digit_ids("4567")])
+        np.testing.assert_array_equal(
+            batch.prompt_ids, [[PAD, PAD] + digit_ids("12"), digit_ids("3456"), digit_ids("4567")]
+        )
 
 
 def test_truncate_keeps_bos(tmp_path, tok):
@@ -120,15 +135,18 @@ def test_overlong_error_names_file_and_line(tmp_path, tok):
         data.make_prompt_dataset(cfg, tok, prompts_per_step=1, seed=0)
 
 
-@pytest.mark.parametrize("lines,match", [
-    # The blank line 2 is skipped but still counted.
-    (['{"prompt": "12"}', '', '{"prompt": ""}'], r"d\.jsonl:line 3: the prompt must be a non"),
-    (['{"prompt": "12"}', '{"prompt": "   "}'], r"d\.jsonl:line 2: the prompt must be a non-empty"),
-    (['{"question": "12"}'], r"d\.jsonl:line 1: record has no 'prompt' field"),
-    (['{"prompt": 12}'], r"d\.jsonl:line 1: the prompt must be a non-empty string"),
-    (['{"prompt": "12"}', '{"prompt": '], r"d\.jsonl:line 2: not valid JSON"),
-    (['["12"]'], r"d\.jsonl:line 1: a record must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "lines,match",
+    [
+        # The blank line 2 is skipped but still counted.
+        (['{"prompt": "12"}', "", '{"prompt": ""}'], r"d\.jsonl:line 3: the prompt must be a non"),
+        (['{"prompt": "12"}', '{"prompt": "   "}'], r"d\.jsonl:line 2: the prompt must be a non-empty"),
+        (['{"question": "12"}'], r"d\.jsonl:line 1: record has no 'prompt' field"),
+        (['{"prompt": 12}'], r"d\.jsonl:line 1: the prompt must be a non-empty string"),
+        (['{"prompt": "12"}', '{"prompt": '], r"d\.jsonl:line 2: not valid JSON"),
+        (['["12"]'], r"d\.jsonl:line 1: a record must be a JSON object"),
+    ],
+)
 def test_bad_records_name_file_and_line(tmp_path, tok, lines, match):
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -139,26 +157,22 @@ def test_bad_records_name_file_and_line(tmp_path, tok, lines, match):
 def test_bad_parquet_row_is_named(tmp_path, tok):
     pq.write_table(pa.table({"prompt": ["12", "", "3"]}), tmp_path / "d.parquet")
     with pytest.raises(ValueError, match=r"d\.parquet:row 2: the prompt must be a non-empty"):
-        data.make_prompt_dataset(file_config(str(tmp_path / "d.parquet")), tok,
-                                 prompts_per_step=1, seed=0)
+        data.make_prompt_dataset(file_config(str(tmp_path / "d.parquet")), tok, prompts_per_step=1, seed=0)
 
 
 def test_prompt_field_option(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", [{"question": "12", "answer": "3"}])
-    ds = data.make_prompt_dataset(file_config(path, prompt_field="question"), tok,
-                                  prompts_per_step=1, seed=0)
+    ds = data.make_prompt_dataset(file_config(path, prompt_field="question"), tok, prompts_per_step=1, seed=0)
     batch = next(ds)
     assert batch.prompts == ["12"] and batch.fields == {"answer": ["3"]}
 
 
 def test_missing_file_and_bad_suffix(tmp_path, tok):
     with pytest.raises(ValueError, match="not found"):
-        data.make_prompt_dataset(file_config(str(tmp_path / "none.jsonl")), tok,
-                                 prompts_per_step=1, seed=0)
+        data.make_prompt_dataset(file_config(str(tmp_path / "none.jsonl")), tok, prompts_per_step=1, seed=0)
     (tmp_path / "d.csv").write_text("prompt\n1\n")
     with pytest.raises(ValueError, match="must end in one of"):
-        data.make_prompt_dataset(file_config(str(tmp_path / "d.csv")), tok,
-                                 prompts_per_step=1, seed=0)
+        data.make_prompt_dataset(file_config(str(tmp_path / "d.csv")), tok, prompts_per_step=1, seed=0)
 
 
 def epoch_ids(ds, steps):
@@ -198,8 +212,9 @@ def test_hosts_get_disjoint_equal_shares(tmp_path, tok, n_records, hosts):
     per_host = n_records // hosts
     shares = []
     for host in range(hosts):
-        ds = data.make_prompt_dataset(cfg, tok, prompts_per_step=hosts, seed=3,
-                                      process_index=host, process_count=hosts)
+        ds = data.make_prompt_dataset(
+            cfg, tok, prompts_per_step=hosts, seed=3, process_index=host, process_count=hosts
+        )
         assert ds.local_batch_size == 1 and ds.num_records == per_host
         shares.append({i for batch in epoch_ids(ds, per_host) for i in batch})
         with pytest.raises(StopIteration):
@@ -212,8 +227,9 @@ def test_hosts_get_disjoint_equal_shares(tmp_path, tok, n_records, hosts):
 def test_prompts_per_step_must_split_over_hosts(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", numbered_records(8))
     with pytest.raises(ValueError, match="multiple of the number of hosts"):
-        data.make_prompt_dataset(file_config(path), tok, prompts_per_step=3, seed=0,
-                                 process_index=0, process_count=2)
+        data.make_prompt_dataset(
+            file_config(path), tok, prompts_per_step=3, seed=0, process_index=0, process_count=2
+        )
 
 
 def assert_same_batches(got, expected):
@@ -235,14 +251,14 @@ def test_iterator_restores_through_orbax_composite(tmp_path, tok):
     take(uninterrupted, 5)  # crosses the first epoch boundary (40 records / 6)
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     checkpointer.save(
-        tmp_path / "ckpt",
-        ocp.args.Composite(data=grain.checkpoint.CheckpointSave(uninterrupted.iterator)))
+        tmp_path / "ckpt", ocp.args.Composite(data=grain.checkpoint.CheckpointSave(uninterrupted.iterator))
+    )
     expected = take(uninterrupted, 8)
 
     resumed = fresh()
     checkpointer.restore(
-        tmp_path / "ckpt",
-        ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed.iterator)))
+        tmp_path / "ckpt", ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed.iterator))
+    )
     assert_same_batches(take(resumed, 8), expected)
 
     # The plain get_state / set_state API does the same.
@@ -255,7 +271,8 @@ def chat_tokenizer():
     tokenizer = tk.builtin_tokenizer()
     tokenizer.chat_template = (
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-        "{% if add_generation_prompt %}<assistant>{% endif %}")
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     return tokenizer
 
 
@@ -265,30 +282,32 @@ def test_chat_template_applied_when_asked(tmp_path):
     cfg = file_config(path, buckets=(32,), max_prompt_len=32, chat_template=True)
     batch = next(data.make_prompt_dataset(cfg, tokenizer, prompts_per_step=1, seed=0))
     text = "<user>12=<assistant>"
-    np.testing.assert_array_equal(batch.prompt_ids[0, -len(text):],
-                                  tokenizer(text)["input_ids"])
+    np.testing.assert_array_equal(batch.prompt_ids[0, -len(text) :], tokenizer(text)["input_ids"])
     assert batch.prompt_mask[0].sum() == len(text)
     assert tokenizer.decode(batch.prompt_ids[0][batch.prompt_mask[0] == 1]) == text
     assert batch.prompts == ["12="]  # rewards see the prompt as written
 
-    plain = next(data.make_prompt_dataset(file_config(path, buckets=(32,), max_prompt_len=32),
-                                          tokenizer, prompts_per_step=1, seed=0))
+    plain = next(
+        data.make_prompt_dataset(
+            file_config(path, buckets=(32,), max_prompt_len=32), tokenizer, prompts_per_step=1, seed=0
+        )
+    )
     assert plain.prompt_mask.sum() == 3
 
 
 def test_chat_template_missing_falls_back_with_warning(tmp_path, tok, caplog):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "12="}])
     with caplog.at_level(logging.WARNING):
-        batch = next(data.make_prompt_dataset(file_config(path, chat_template=True), tok,
-                                              prompts_per_step=1, seed=0))
+        batch = next(
+            data.make_prompt_dataset(file_config(path, chat_template=True), tok, prompts_per_step=1, seed=0)
+        )
     assert "no chat template" in caplog.text
     np.testing.assert_array_equal(batch.prompt_ids[0], [PAD] + digit_ids("12") + [EQ])
 
 
 def test_add_bos(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "12="}])
-    batch = next(data.make_prompt_dataset(file_config(path, add_bos=True), tok,
-                                          prompts_per_step=1, seed=0))
+    batch = next(data.make_prompt_dataset(file_config(path, add_bos=True), tok, prompts_per_step=1, seed=0))
     np.testing.assert_array_equal(batch.prompt_ids[0], [BOS] + digit_ids("12") + [EQ])
 
 
@@ -314,8 +333,7 @@ def test_builtin_task_source_and_eval_batches(tok):
     assert not set(eval_prompts) & {r["prompt"] for r in ds.task.records("train", 0, 64)}
 
     # Two hosts: equal batch counts, disjoint valid rows that cover the eval set.
-    shares = [data.eval_batches(cfg, tok, batch_size=4, process_index=h, process_count=2)
-              for h in range(2)]
+    shares = [data.eval_batches(cfg, tok, batch_size=4, process_index=h, process_count=2) for h in range(2)]
     assert [len(s) for s in shares] == [3, 3]
     assert all(b.prompt_ids.shape[0] == 2 for s in shares for b in s)
     valid = [p for s in shares for b in s for p, v in zip(b.prompts, b.valid) if v]
@@ -335,7 +353,8 @@ def test_config_forms_and_errors(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", numbered_records(4))
 
     DataConfig = dataclasses.make_dataclass(  # noqa: N806
-        "DataConfig", [("path", str, dataclasses.field(default=path)), ("shuffle", bool, False)])
+        "DataConfig", [("path", str, dataclasses.field(default=path)), ("shuffle", bool, False)]
+    )
     config_dict = data.default_data_config()
     config_dict.path, config_dict.shuffle = path, False
     for cfg in (DataConfig(), {"path": path, "shuffle": False}, config_dict):
@@ -343,11 +362,13 @@ def test_config_forms_and_errors(tmp_path, tok):
         assert next(ds).prompts == ["0=", "1="]
     assert data.configured_task({"path": path}) is None
     assert data.configured_task({"task": "sort_digits"}).name == "sort_digits"
-    bad = [({"pth": path}, "unknown data config keys"),
-           ({"path": path, "overlong": "cut"}, "overlong"),
-           ({"path": path, "num_epochs": 0}, "num_epochs"),
-           ({"task": "nope"}, "unknown task"),
-           ({"path": path, "add_bos": True, "max_prompt_len": 0}, "max_prompt_len")]
+    bad = [
+        ({"pth": path}, "unknown data config keys"),
+        ({"path": path, "overlong": "cut"}, "overlong"),
+        ({"path": path, "num_epochs": 0}, "num_epochs"),
+        ({"task": "nope"}, "unknown task"),
+        ({"path": path, "add_bos": True, "max_prompt_len": 0}, "max_prompt_len"),
+    ]
     for cfg, match in bad:
         with pytest.raises(ValueError, match=match):
             data.make_prompt_dataset(cfg, tok, prompts_per_step=2, seed=0)

@@ -1,4 +1,5 @@
 """python -m gspo_jax.export writes an HF directory that transformers loads and generates from like JAX."""
+
 import json
 import os
 import subprocess
@@ -8,7 +9,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import micro_config as micro
@@ -24,44 +24,61 @@ PROMPTS = ["31425=", "90817=", "55123=", "70264="]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("export") / "run"
-  cfg = micro.override(micro.get_config(), workdir=str(workdir), steps=2,
-                       **{"eval.every": 0, "warmstart.steps": 30, "warmstart.eval_every": 0})
-  Trainer(cfg).run()
-  return cfg
+    workdir = tmp_path_factory.mktemp("export") / "run"
+    cfg = micro.override(
+        micro.get_config(),
+        workdir=str(workdir),
+        steps=2,
+        **{"eval.every": 0, "warmstart.steps": 30, "warmstart.eval_every": 0},
+    )
+    Trainer(cfg).run()
+    return cfg
 
 
 def _jax_greedy(cfg, prompts, max_new_tokens, tokenizer):
-  target, graphdef = abstract_train_state(cfg, sharding.make_mesh(cfg.mesh))
-  with Checkpointer(cfg.workdir, async_save=False) as ckpt:
-    state, _, _ = ckpt.restore(target, None)
-  ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-  width = max(map(len, ids))
-  prompt_ids = np.array([[0] * (width - len(i)) + i for i in ids], np.int32)
-  mask = (np.arange(width)[None] >= width - np.array([len(i) for i in ids])[:, None]).astype(np.int32)
-  sampler = Sampler(graphdef, max_new_tokens=max_new_tokens, temperature=0.0,
-                    stop_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id)
-  out = sampler(state["train"].params, prompt_ids, mask, jax.random.key(0))
-  return [list(np.asarray(r)[np.asarray(m).astype(bool)]) for r, m in zip(out.completion_ids, out.completion_mask)]
+    target, graphdef = abstract_train_state(cfg, sharding.make_mesh(cfg.mesh))
+    with Checkpointer(cfg.workdir, async_save=False) as ckpt:
+        state, _, _ = ckpt.restore(target, None)
+    ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    width = max(map(len, ids))
+    prompt_ids = np.array([[0] * (width - len(i)) + i for i in ids], np.int32)
+    mask = (np.arange(width)[None] >= width - np.array([len(i) for i in ids])[:, None]).astype(np.int32)
+    sampler = Sampler(
+        graphdef,
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        stop_ids=(tokenizer.eos_token_id,),
+        pad_id=tokenizer.pad_token_id,
+    )
+    out = sampler(state["train"].params, prompt_ids, mask, jax.random.key(0))
+    return [
+        list(np.asarray(r)[np.asarray(m).astype(bool)])
+        for r, m in zip(out.completion_ids, out.completion_mask)
+    ]
 
 
 def test_export_cli_writes_hf_dir_that_generates_like_jax(trained, tmp_path):
-  out = tmp_path / "hf"
-  proc = subprocess.run([sys.executable, "-m", "gspo_jax.export", f"--workdir={trained.workdir}", f"--to_hf={out}"],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600,
-                        env=os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
-    assert (out / name).is_file(), name
-  with open(out / "generation_config.json") as f:
-    assert json.load(f)["eos_token_id"] == 2
+    out = tmp_path / "hf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gspo_jax.export", f"--workdir={trained.workdir}", f"--to_hf={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    with open(out / "generation_config.json") as f:
+        assert json.load(f)["eos_token_id"] == 2
 
-  tokenizer = AutoTokenizer.from_pretrained(str(out))
-  model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
-  expected = _jax_greedy(trained, PROMPTS, 8, tokenizer)
-  for prompt, jax_ids in zip(PROMPTS, expected):
-    inputs = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-      generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    hf_ids = generated[0, inputs["input_ids"].shape[1]:].tolist()
-    assert [int(t) for t in jax_ids] == hf_ids, prompt
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    expected = _jax_greedy(trained, PROMPTS, 8, tokenizer)
+    for prompt, jax_ids in zip(PROMPTS, expected):
+        inputs = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        hf_ids = generated[0, inputs["input_ids"].shape[1] :].tolist()
+        assert [int(t) for t in jax_ids] == hf_ids, prompt

@@ -1,4 +1,5 @@
 """gspo_jax.logprobs: chunked token log-probs against the full log-softmax and numpy formulas."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,8 +45,9 @@ def test_matches_log_softmax_on_the_full_qwen_vocabulary():
 
 def test_entropy_matches_numpy():
     hidden, lm_head, targets = make_inputs(2, B=2, T=7, D=8, V=30)
-    logp, entropy = token_logprobs_from_hidden(hidden, lm_head, targets, temperature=1.3,
-                                               chunk_size=3, with_entropy=True)
+    logp, entropy = token_logprobs_from_hidden(
+        hidden, lm_head, targets, temperature=1.3, chunk_size=3, with_entropy=True
+    )
     z = np.einsum("btd,dv->btv", np.asarray(hidden, np.float64), np.asarray(lm_head, np.float64))
     z = z / 1.3
     z = z - z.max(axis=-1, keepdims=True)
@@ -63,8 +65,9 @@ def test_gradients_match_the_naive_version():
         return jnp.sum(weights[0] * logp_entropy[0] + weights[1] * logp_entropy[1])
 
     def chunked(h, w):
-        return objective(token_logprobs_from_hidden(h, w, targets, temperature=0.8, chunk_size=4,
-                                                    with_entropy=True))
+        return objective(
+            token_logprobs_from_hidden(h, w, targets, temperature=0.8, chunk_size=4, with_entropy=True)
+        )
 
     def naive(h, w):
         return objective(naive_logprobs(h, w, targets, 0.8))
@@ -81,8 +84,9 @@ def test_bf16_inputs_give_fp32_logprobs_of_the_bf16_values():
     want, _ = naive_logprobs(hidden, lm_head, targets, 1.0)  # fp32 math on the same bf16 values
     assert logp.dtype == jnp.float32
     np.testing.assert_allclose(logp, want, atol=1e-5)
-    grad = jax.jit(jax.grad(
-        lambda h: token_logprobs_from_hidden(h, lm_head, targets, chunk_size=4).sum()))(hidden)
+    grad = jax.jit(jax.grad(lambda h: token_logprobs_from_hidden(h, lm_head, targets, chunk_size=4).sum()))(
+        hidden
+    )
     assert grad.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(grad, np.float32)))
 
 
@@ -103,8 +107,7 @@ def test_forward_and_backward_never_hold_all_logits():
     hidden, lm_head, targets = make_inputs(6, B=B, T=T, D=D, V=V)
 
     def loss(h, w):
-        logp, entropy = token_logprobs_from_hidden(h, w, targets, chunk_size=chunk,
-                                                   with_entropy=True)
+        logp, entropy = token_logprobs_from_hidden(h, w, targets, chunk_size=chunk, with_entropy=True)
         return logp.sum() + entropy.sum()
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(hidden, lm_head).jaxpr

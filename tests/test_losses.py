@@ -1,4 +1,5 @@
 """gspo_jax.losses against numpy references written out here from the GSPO / GRPO formulas."""
+
 import functools
 
 import jax
@@ -12,8 +13,14 @@ from gspo_jax.losses import group_advantages, policy_loss
 LEVELS = ("sequence", "sequence_token", "token")
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean")
 SEQUENCE_LEVELS = ("sequence", "sequence_token")
-CLIP_METRICS = ("clip_frac/seq", "clip_frac/seq_low", "clip_frac/seq_high",
-                "clip_frac/token", "clip_frac/token_low", "clip_frac/token_high")
+CLIP_METRICS = (
+    "clip_frac/seq",
+    "clip_frac/seq_low",
+    "clip_frac/seq_high",
+    "clip_frac/token",
+    "clip_frac/token_low",
+    "clip_frac/token_high",
+)
 
 
 # ----------------------------------------------------------------------------- numpy references
@@ -33,8 +40,7 @@ def np_group_advantages(rewards, g, scale, eps=1e-6):
     return adv.reshape(-1), equal.mean()
 
 
-def np_policy_loss(logp, old, adv, mask, level, eps_low, eps_high, aggregation,
-                   ref=None, beta=0.0):
+def np_policy_loss(logp, old, adv, mask, level, eps_low, eps_high, aggregation, ref=None, beta=0.0):
     """GSPO / GSPO-token / GRPO objective by direct loops; returns (loss, metrics)."""
     logp, old = np.asarray(logp, np.float64), np.asarray(old, np.float64)
     m = np.asarray(mask) != 0
@@ -72,10 +78,15 @@ def np_policy_loss(logp, old, adv, mask, level, eps_low, eps_high, aggregation,
     x_old = np.where(m, logp - old, 0.0)
     metrics = {
         "loss/policy": -agg(term),
-        "clip_frac/seq": seq_mean(low | high), "clip_frac/seq_low": seq_mean(low),
-        "clip_frac/seq_high": seq_mean(high), "clip_frac/token": tok_mean(low | high),
-        "clip_frac/token_low": tok_mean(low), "clip_frac/token_high": tok_mean(high),
-        "ratio/mean": np.mean(ratios), "ratio/min": np.min(ratios), "ratio/max": np.max(ratios),
+        "clip_frac/seq": seq_mean(low | high),
+        "clip_frac/seq_low": seq_mean(low),
+        "clip_frac/seq_high": seq_mean(high),
+        "clip_frac/token": tok_mean(low | high),
+        "clip_frac/token_low": tok_mean(low),
+        "clip_frac/token_high": tok_mean(high),
+        "ratio/mean": np.mean(ratios),
+        "ratio/min": np.min(ratios),
+        "ratio/max": np.max(ratios),
         "log_ratio_seq/abs_mean": np.mean(abs_log_s),
         "kl": tok_mean(np.exp(x_old) - x_old - 1),
     }
@@ -145,7 +156,7 @@ def test_group_advantages_match_numpy(group_size, scale):
     want, frac_equal = np_group_advantages(rewards, group_size, scale)
     assert adv.shape == (5 * group_size,) and adv.dtype == jnp.float32
     np.testing.assert_allclose(adv, want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(adv[group_size:2 * group_size], 0.0)
+    np.testing.assert_array_equal(adv[group_size : 2 * group_size], 0.0)
     np.testing.assert_allclose(metrics["frac_reward_zero_std"], 0.2)
     assert frac_equal == 0.2
     np.testing.assert_allclose(metrics["advantage/mean"], want.mean(), atol=1e-6)
@@ -191,10 +202,12 @@ def test_group_advantages_reject_bad_input():
 def test_loss_and_metrics_match_numpy(level, aggregation, with_kl):
     logp, old, adv, mask, ref = make_batch(2, NOISE[level])
     kl_ref, beta = (ref, 0.05) if with_kl else (None, 0.0)
-    loss, metrics = policy_loss(logp, old, adv, mask, level=level, aggregation=aggregation,
-                                ref_logp=kl_ref, beta=beta)
-    want, want_metrics = np_policy_loss(logp, old, adv, mask, level, *DEFAULT_EPS[level],
-                                        aggregation, ref=kl_ref, beta=beta)
+    loss, metrics = policy_loss(
+        logp, old, adv, mask, level=level, aggregation=aggregation, ref_logp=kl_ref, beta=beta
+    )
+    want, want_metrics = np_policy_loss(
+        logp, old, adv, mask, level, *DEFAULT_EPS[level], aggregation, ref=kl_ref, beta=beta
+    )
     # The batch must exercise both branches of the clip, or the comparison proves little.
     assert 0 < want_metrics["clip_frac/token"] < 1
     assert want_metrics["clip_frac/seq_low"] > 0 and want_metrics["clip_frac/seq_high"] > 0
@@ -202,8 +215,9 @@ def test_loss_and_metrics_match_numpy(level, aggregation, with_kl):
     assert_metrics_close(metrics, want_metrics)
     assert ("kl_ref" in metrics) == with_kl
     if level == "sequence":
-        want_seq = np_gspo_sequence_loss(logp.astype(np.float64), old.astype(np.float64), adv,
-                                         mask, *DEFAULT_EPS[level], aggregation)
+        want_seq = np_gspo_sequence_loss(
+            logp.astype(np.float64), old.astype(np.float64), adv, mask, *DEFAULT_EPS[level], aggregation
+        )
         np.testing.assert_allclose(float(metrics["loss/policy"]), want_seq, rtol=1e-5)
 
 
@@ -211,10 +225,12 @@ def test_loss_and_metrics_match_numpy(level, aggregation, with_kl):
 @pytest.mark.parametrize("level", ["sequence_token", "token"])
 def test_token_level_advantages_match_numpy(level, aggregation):
     logp, old, adv_bt, mask, ref = make_batch(1, NOISE[level], token_adv=True)
-    loss, metrics = policy_loss(logp, old, adv_bt, mask, level=level, aggregation=aggregation,
-                                ref_logp=ref, beta=0.1)
-    want, want_metrics = np_policy_loss(logp, old, adv_bt, mask, level, *DEFAULT_EPS[level],
-                                        aggregation, ref=ref, beta=0.1)
+    loss, metrics = policy_loss(
+        logp, old, adv_bt, mask, level=level, aggregation=aggregation, ref_logp=ref, beta=0.1
+    )
+    want, want_metrics = np_policy_loss(
+        logp, old, adv_bt, mask, level, *DEFAULT_EPS[level], aggregation, ref=ref, beta=0.1
+    )
     assert 0 < want_metrics["clip_frac/token"] < 1
     np.testing.assert_allclose(float(loss), want, rtol=1e-5, atol=1e-6)
     assert_metrics_close(metrics, want_metrics)
@@ -244,8 +260,7 @@ def test_sequence_mean_counts_each_sequence_once():
 
 
 def grad_logp(level, logp, old, adv, mask, **kwargs):
-    return jax.grad(lambda lp: policy_loss(lp, old, adv, mask, level=level, **kwargs)[0])(
-        jnp.asarray(logp))
+    return jax.grad(lambda lp: policy_loss(lp, old, adv, mask, level=level, **kwargs)[0])(jnp.asarray(logp))
 
 
 def test_gspo_gradient_is_paper_eq10():
@@ -273,11 +288,15 @@ def test_gspo_token_equals_gspo_with_sequence_advantages(aggregation):
     assert 0 < float(metrics_s["clip_frac/seq"]) < 1
     np.testing.assert_allclose(float(loss_t), float(loss_s), rtol=1e-6)
     for key in metrics_s:
-        np.testing.assert_allclose(float(metrics_t[key]), float(metrics_s[key]), rtol=1e-6,
-                                   atol=1e-7, err_msg=key)
-    np.testing.assert_allclose(grad_logp("sequence_token", logp, old, adv, mask, **kwargs),
-                               grad_logp("sequence", logp, old, adv, mask, **kwargs),
-                               rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(
+            float(metrics_t[key]), float(metrics_s[key]), rtol=1e-6, atol=1e-7, err_msg=key
+        )
+    np.testing.assert_allclose(
+        grad_logp("sequence_token", logp, old, adv, mask, **kwargs),
+        grad_logp("sequence", logp, old, adv, mask, **kwargs),
+        rtol=1e-5,
+        atol=1e-9,
+    )
 
 
 # ----------------------------------------------------------------------------- padding, masks
@@ -292,20 +311,25 @@ def test_extra_padding_changes_nothing(level):
         x = np.concatenate([x, np.full((B, 3), value, x.dtype)], axis=1)
         return np.concatenate([x, np.full((2, T + 3), value, x.dtype)], axis=0)
 
-    padded = (pad(logp, np.nan), pad(old, -1e30), np.concatenate([adv, [np.nan, 1e9]]),
-              pad(mask, 0), pad(ref, np.inf))
+    padded = (
+        pad(logp, np.nan),
+        pad(old, -1e30),
+        np.concatenate([adv, [np.nan, 1e9]]),
+        pad(mask, 0),
+        pad(ref, np.inf),
+    )
     kwargs = dict(level=level, beta=0.1)
 
     def loss_and_grad(lp, o, a, m, r):
-        return jax.value_and_grad(lambda x: policy_loss(x, o, a, m, ref_logp=r, **kwargs),
-                                  has_aux=True)(jnp.asarray(lp))
+        return jax.value_and_grad(lambda x: policy_loss(x, o, a, m, ref_logp=r, **kwargs), has_aux=True)(
+            jnp.asarray(lp)
+        )
 
     (loss, metrics), grad = loss_and_grad(logp, old, adv, mask, ref)
     (loss_p, metrics_p), grad_p = loss_and_grad(*padded)
     np.testing.assert_allclose(float(loss_p), float(loss), rtol=1e-6)
     for key in metrics:
-        np.testing.assert_allclose(float(metrics_p[key]), float(metrics[key]), rtol=1e-6,
-                                   err_msg=key)
+        np.testing.assert_allclose(float(metrics_p[key]), float(metrics[key]), rtol=1e-6, err_msg=key)
     np.testing.assert_allclose(grad_p[:B, :T], grad, rtol=1e-6, atol=1e-12)
     np.testing.assert_array_equal(grad_p[B:], 0.0)
     np.testing.assert_array_equal(grad_p[:, T:], 0.0)
@@ -324,8 +348,7 @@ def test_lengths_come_from_the_mask(level):
     left, _ = policy_loss(roll(logp), roll(old), adv, roll(mask), level=level)
     as_bool, _ = policy_loss(logp, old, adv, mask.astype(bool), level=level)
     as_float, _ = policy_loss(logp, old, adv, mask.astype(np.float32), level=level)
-    want, _ = np_policy_loss(logp, old, adv, mask, level, *DEFAULT_EPS[level],
-                             "seq-mean-token-mean")
+    want, _ = np_policy_loss(logp, old, adv, mask, level, *DEFAULT_EPS[level], "seq-mean-token-mean")
     for got in (base, left, as_bool, as_float):
         np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
@@ -370,16 +393,20 @@ def test_off_policy_clip_fires_low_and_high(level):
     logp, old, mask = sequences_with_log_ratios([1e-3, -1e-3, 1e-3, 1e-4], lengths)
     adv = np.array([1.0, -1.0, -1.0, 1.0], np.float32)
     loss, metrics = policy_loss(logp, old, adv, mask, level=level)
-    want = {"clip_frac/seq": 0.5, "clip_frac/seq_low": 0.25, "clip_frac/seq_high": 0.25,
-            "clip_frac/token": 0.4, "clip_frac/token_low": 0.1, "clip_frac/token_high": 0.3}
+    want = {
+        "clip_frac/seq": 0.5,
+        "clip_frac/seq_low": 0.25,
+        "clip_frac/seq_high": 0.25,
+        "clip_frac/token": 0.4,
+        "clip_frac/token_low": 0.1,
+        "clip_frac/token_high": 0.3,
+    }
     assert_metrics_close(metrics, want, rtol=0, atol=1e-7)
-    log_s = np.array([np.mean(logp[i, :n].astype(np.float64) - old[i, :n])
-                      for i, n in enumerate(lengths)])
+    log_s = np.array([np.mean(logp[i, :n].astype(np.float64) - old[i, :n]) for i, n in enumerate(lengths)])
     s = np.exp(log_s)
     np.testing.assert_allclose(float(metrics["ratio/max"]), s.max(), rtol=1e-7)
     np.testing.assert_allclose(float(metrics["ratio/min"]), s.min(), rtol=1e-7)
-    np.testing.assert_allclose(float(metrics["log_ratio_seq/abs_mean"]), np.mean(np.abs(log_s)),
-                               rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["log_ratio_seq/abs_mean"]), np.mean(np.abs(log_s)), rtol=1e-5)
     want_loss = -np.mean([(1 + 4e-4), -(1 - 3e-4), -s[2], s[3]])
     np.testing.assert_allclose(float(loss), want_loss, atol=1e-7)
     grad = grad_logp(level, logp, old, adv, mask)
@@ -395,17 +422,26 @@ def test_token_level_clip_fires_low_and_high():
     adv = np.array([1.0, -1.0], np.float32)
     loss, metrics = policy_loss(logp, old, adv, mask, level="token")
     # Row 0 (A > 0): 1.3 clipped high. Row 1 (A < 0): 0.7 clipped low, 1.3 not clipped.
-    want = {"clip_frac/token": 0.4, "clip_frac/token_low": 0.2, "clip_frac/token_high": 0.2,
-            "clip_frac/seq": (1 / 3 + 1 / 2) / 2, "clip_frac/seq_low": 0.25,
-            "clip_frac/seq_high": 1 / 6, "ratio/max": 1.3, "ratio/min": 0.7,
-            "ratio/mean": (1.3 + 1.0 + 0.7 + 0.7 + 1.3) / 5}
+    want = {
+        "clip_frac/token": 0.4,
+        "clip_frac/token_low": 0.2,
+        "clip_frac/token_high": 0.2,
+        "clip_frac/seq": (1 / 3 + 1 / 2) / 2,
+        "clip_frac/seq_low": 0.25,
+        "clip_frac/seq_high": 1 / 6,
+        "ratio/max": 1.3,
+        "ratio/min": 0.7,
+        "ratio/mean": (1.3 + 1.0 + 0.7 + 0.7 + 1.3) / 5,
+    }
     assert_metrics_close(metrics, want, rtol=1e-6)
     want_loss = -np.mean([(1.28 + 1.0 + 0.7) / 3, (-0.8 - 1.3) / 2])
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-6)
 
 
-@pytest.mark.parametrize("level,inside,outside", [
-    ("sequence", 3.5e-4, 5e-4), ("sequence_token", 3.5e-4, 5e-4), ("token", 0.24, 0.3)])
+@pytest.mark.parametrize(
+    "level,inside,outside",
+    [("sequence", 3.5e-4, 5e-4), ("sequence_token", 3.5e-4, 5e-4), ("token", 0.24, 0.3)],
+)
 def test_default_clip_range_follows_level(level, inside, outside):
     # Default eps_high: 4e-4 for the sequence ratio, 0.28 for the token ratio (not the 0.2-0.5
     # "token-range" width the seed note suggests for GSPO).
@@ -413,8 +449,7 @@ def test_default_clip_range_follows_level(level, inside, outside):
     _, metrics = policy_loss(logp, old, np.ones(2, np.float32), mask, level=level)
     np.testing.assert_allclose(float(metrics["clip_frac/seq_high"]), 0.5, atol=1e-7)
     eps_low = DEFAULT_EPS[level][0]
-    logp, old, mask = sequences_with_log_ratios(
-        [np.log1p(-eps_low * 0.8), np.log1p(-eps_low * 1.2)], (2, 2))
+    logp, old, mask = sequences_with_log_ratios([np.log1p(-eps_low * 0.8), np.log1p(-eps_low * 1.2)], (2, 2))
     _, metrics = policy_loss(logp, old, -np.ones(2, np.float32), mask, level=level)
     np.testing.assert_allclose(float(metrics["clip_frac/seq_low"]), 0.5, atol=1e-7)
 
@@ -439,8 +474,9 @@ def test_second_minibatch_update_moves_ratio_and_clips():
     minibatches = [slice(0, 8), slice(8, 16)]
 
     def loss_fn(theta, mb):
-        return policy_loss(tiny_policy_logp(theta, tokens[mb]), old_logp[mb], adv[mb],
-                           mask[mb], level="sequence")
+        return policy_loss(
+            tiny_policy_logp(theta, tokens[mb]), old_logp[mb], adv[mb], mask[mb], level="sequence"
+        )
 
     (_, metrics1), grad = jax.value_and_grad(loss_fn, has_aux=True)(theta0, minibatches[0])
     assert float(metrics1["ratio/mean"]) == 1.0 and float(metrics1["clip_frac/seq"]) == 0.0
@@ -449,9 +485,16 @@ def test_second_minibatch_update_moves_ratio_and_clips():
     assert float(metrics2["log_ratio_seq/abs_mean"]) > 1e-3
     assert float(metrics2["clip_frac/seq"]) > 0
     logp2 = np.asarray(tiny_policy_logp(theta1, tokens[minibatches[1]]))
-    want, want_metrics = np_policy_loss(logp2, np.asarray(old_logp[minibatches[1]]),
-                                        np.asarray(adv[minibatches[1]]), mask[minibatches[1]],
-                                        "sequence", 3e-4, 4e-4, "seq-mean-token-mean")
+    want, want_metrics = np_policy_loss(
+        logp2,
+        np.asarray(old_logp[minibatches[1]]),
+        np.asarray(adv[minibatches[1]]),
+        mask[minibatches[1]],
+        "sequence",
+        3e-4,
+        4e-4,
+        "seq-mean-token-mean",
+    )
     np.testing.assert_allclose(float(loss2), want, rtol=1e-5, atol=1e-6)
     assert_metrics_close(metrics2, want_metrics)
 
@@ -467,8 +510,11 @@ def test_extreme_log_ratios_are_finite(level, aggregation):
     logp = (old + 1e4 * signs).astype(np.float32)
     ref = (old - 1e4 * signs).astype(np.float32)
     (loss, metrics), grad = jax.value_and_grad(
-        lambda lp: policy_loss(lp, old, adv, mask, level=level, aggregation=aggregation,
-                               ref_logp=ref, beta=0.1), has_aux=True)(jnp.asarray(logp))
+        lambda lp: policy_loss(
+            lp, old, adv, mask, level=level, aggregation=aggregation, ref_logp=ref, beta=0.1
+        ),
+        has_aux=True,
+    )(jnp.asarray(logp))
     assert np.isfinite(float(loss))
     assert np.all(np.isfinite(grad))
     assert all(np.isfinite(float(v)) for v in metrics.values())
@@ -481,11 +527,22 @@ def test_bf16_inputs_compute_ratios_in_fp32(level):
     up = lambda x: np.asarray(bf(x), np.float64)  # the values the loss actually sees  # noqa: E731
     eps = (0.01, 0.01)
     (loss, metrics), grad = jax.value_and_grad(
-        lambda lp: policy_loss(lp, bf(old), bf(adv), mask, level=level, eps_low=eps[0],
-                               eps_high=eps[1], ref_logp=bf(ref), beta=0.1),
-        has_aux=True)(bf(logp))
-    want, want_metrics = np_policy_loss(up(logp), up(old), up(adv), mask, level, *eps,
-                                        "seq-mean-token-mean", ref=up(ref), beta=0.1)
+        lambda lp: policy_loss(
+            lp,
+            bf(old),
+            bf(adv),
+            mask,
+            level=level,
+            eps_low=eps[0],
+            eps_high=eps[1],
+            ref_logp=bf(ref),
+            beta=0.1,
+        ),
+        has_aux=True,
+    )(bf(logp))
+    want, want_metrics = np_policy_loss(
+        up(logp), up(old), up(adv), mask, level, *eps, "seq-mean-token-mean", ref=up(ref), beta=0.1
+    )
     assert loss.dtype == jnp.float32 and grad.dtype == jnp.bfloat16
     # fp32 arithmetic on the bf16 values: bf16 arithmetic would be off by ~1e-2 relative.
     np.testing.assert_allclose(float(loss), want, rtol=1e-5, atol=1e-6)
@@ -510,8 +567,9 @@ def test_registry_dispatches_a_new_objective(monkeypatch):
         never = jnp.zeros(mask_bt.shape, bool)
         return losses.ObjectiveTerms(ratio_bt * advantages[:, None], never, never, ratio_bt)
 
-    monkeypatch.setitem(losses.POLICY_OBJECTIVES, "plain",
-                        losses.PolicyObjective(plain_policy_gradient, 0.0, 0.0))
+    monkeypatch.setitem(
+        losses.POLICY_OBJECTIVES, "plain", losses.PolicyObjective(plain_policy_gradient, 0.0, 0.0)
+    )
     logp, old, adv, mask, _ = make_batch(10, 0.1)
     loss, _ = policy_loss(logp, old, adv, mask, level="plain", aggregation="token-mean")
     m = mask != 0

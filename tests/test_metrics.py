@@ -1,4 +1,5 @@
 """Tests for gspo_jax.metrics: JSON lines, resume truncation, TensorBoard, console, plots."""
+
 import io
 import json
 import math
@@ -24,8 +25,18 @@ class _TTY(io.StringIO):
 
 def test_write_converts_values_and_keeps_header_order(tmp_path):
     with M.MetricsWriter(tmp_path, total_steps=10, console=False) as w:
-        w.write(1, {"reward/mean": jnp.float32(0.5), "count": np.int64(3), "flag": np.bool_(True),
-                    "hist": jnp.arange(3.0), "loss": float("nan"), "up": jnp.inf, "down": -np.inf})
+        w.write(
+            1,
+            {
+                "reward/mean": jnp.float32(0.5),
+                "count": np.int64(3),
+                "flag": np.bool_(True),
+                "hist": jnp.arange(3.0),
+                "loss": float("nan"),
+                "up": jnp.inf,
+                "down": -np.inf,
+            },
+        )
         w.write(2, {"eval/accuracy": np.float64(0.25)}, phase="warmstart")
     first, second = _lines(tmp_path / "metrics.jsonl")
     assert list(first)[:2] == ["step", "reward/mean"]
@@ -101,8 +112,8 @@ def _tb_scalars(run_dir):
         data = path.read_bytes()
         offset = 0
         while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
             offset += 12 + length + 4
             for value in event.summary.value:
                 scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
@@ -136,8 +147,7 @@ def test_truncate_after_purges_redone_steps_in_tensorboard(tmp_path):
 
 def test_non_tty_console_prints_compact_summary_every_n_steps(tmp_path):
     out = io.StringIO()
-    with M.MetricsWriter(tmp_path, total_steps=5, summary_every=2, stream=out,
-                         enable_tensorboard=False) as w:
+    with M.MetricsWriter(tmp_path, total_steps=5, summary_every=2, stream=out, enable_tensorboard=False) as w:
         w.log("hello")
         for step in range(1, 6):
             w.write(step, {"reward/mean": 0.1 * step, "loss/policy": 0.5, "clip_frac/seq": 0.0})
@@ -178,8 +188,12 @@ def test_expert_load_metrics_match_numpy():
     # Layer 0: mean 25, max 40, population std sqrt(125); layer 1 balanced; layer 2 empty.
     assert got["moe/load_max_over_mean"] == pytest.approx(40.0 / 25.0)
     assert got["moe/load_cv"] == pytest.approx((math.sqrt(125.0) / 25.0 + 0.0 + 0.0) / 3)
-    shares = [(0.1 + 0.25 + 0.25) / 3, (0.3 + 0.25 + 0.25) / 3,
-              (0.2 + 0.25 + 0.25) / 3, (0.4 + 0.25 + 0.25) / 3]
+    shares = [
+        (0.1 + 0.25 + 0.25) / 3,
+        (0.3 + 0.25 + 0.25) / 3,
+        (0.2 + 0.25 + 0.25) / 3,
+        (0.4 + 0.25 + 0.25) / 3,
+    ]
     assert got["moe/expert_load"] == pytest.approx(shares)
     with pytest.raises(ValueError, match=r"\[layers, experts\]"):
         M.expert_load_metrics(np.ones(4))
@@ -194,16 +208,28 @@ def test_plots_with_all_keys(tmp_path):
         for step in range(1, 4):
             w.write(step, {"eval/accuracy": 0.1 * step, "loss": 1.0}, phase="warmstart")
         for step in range(1, 7):
-            line = {"reward/mean": 0.1 * step, "reward/std": 0.05, "clip_frac/seq": 0.01,
-                    "clip_frac/token": 0.02, "completion_len/mean": 10.0 + step}
+            line = {
+                "reward/mean": 0.1 * step,
+                "reward/std": 0.05,
+                "clip_frac/seq": 0.01,
+                "clip_frac/token": 0.02,
+                "completion_len/mean": 10.0 + step,
+            }
             line.update({f"log_ratio_seq/abs_mean/mb{i}": 0.01 * i for i in range(4)})
             w.write(step, line)
             if step % 2 == 0:
                 w.write(step, {"eval/accuracy": 0.5 + 0.01 * step})
     written = M.plot_metrics(tmp_path)
     names = sorted(p.name for p in written)
-    assert names == sorted(["reward.png", "eval_accuracy.png", "clip_fraction.png",
-                            "completion_length.png", "minibatch_log_ratio_seq_abs_mean.png"])
+    assert names == sorted(
+        [
+            "reward.png",
+            "eval_accuracy.png",
+            "clip_fraction.png",
+            "completion_length.png",
+            "minibatch_log_ratio_seq_abs_mean.png",
+        ]
+    )
     assert all(_png_ok(p) for p in written)
 
 

@@ -1,8 +1,7 @@
 """The Flax port reproduces Hugging Face's Qwen3-MoE / Qwen2-MoE logits, aux loss and checkpoint files."""
-import json
+
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ TOL = 1e-4
 
 
 def _ids(vocab, shape=(2, 11), seed=0):
-  return np.random.default_rng(seed).integers(0, vocab, size=shape)
+    return np.random.default_rng(seed).integers(0, vocab, size=shape)
 
 
 QWEN3_CASES = {
@@ -34,154 +33,168 @@ QWEN3_CASES = {
 
 @pytest.mark.parametrize("case", sorted(QWEN3_CASES))
 def test_qwen3_logits_match_transformers(tmp_path, case):
-  hf = build_hf_model("qwen3", **QWEN3_CASES[case])
-  path = save_hf_model(hf, tmp_path / case)
-  ids = _ids(hf.config.vocab_size, (2, 40) if case == "rope_theta_1e6" else (2, 11))
-  model = gspo_jax.from_pretrained(path)
-  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(hf, ids), atol=TOL, rtol=0)
+    hf = build_hf_model("qwen3", **QWEN3_CASES[case])
+    path = save_hf_model(hf, tmp_path / case)
+    ids = _ids(hf.config.vocab_size, (2, 40) if case == "rope_theta_1e6" else (2, 11))
+    model = gspo_jax.from_pretrained(path)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(hf, ids), atol=TOL, rtol=0)
 
 
 def test_head_dim_is_read_not_derived(tmp_path):
-  hf = build_hf_model("qwen3")
-  assert hf.config.head_dim != hf.config.hidden_size // hf.config.num_attention_heads
-  model = gspo_jax.from_pretrained(save_hf_model(hf, tmp_path / "m"))
-  assert model.config.head_dim == 12
+    hf = build_hf_model("qwen3")
+    assert hf.config.head_dim != hf.config.hidden_size // hf.config.num_attention_heads
+    model = gspo_jax.from_pretrained(save_hf_model(hf, tmp_path / "m"))
+    assert model.config.head_dim == 12
 
 
 def test_qwen2_shared_expert_and_qkv_bias_match_transformers(tmp_path):
-  hf = build_hf_model("qwen2")
-  model = gspo_jax.from_pretrained(save_hf_model(hf, tmp_path / "q2"))
-  assert model.config.qkv_bias and model.config.shared_expert_intermediate_size == 24
-  ids = _ids(hf.config.vocab_size)
-  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(hf, ids), atol=TOL, rtol=0)
+    hf = build_hf_model("qwen2")
+    model = gspo_jax.from_pretrained(save_hf_model(hf, tmp_path / "q2"))
+    assert model.config.qkv_bias and model.config.shared_expert_intermediate_size == 24
+    ids = _ids(hf.config.vocab_size)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(hf, ids), atol=TOL, rtol=0)
 
 
 def test_sharded_and_fused_files_load(tmp_path):
-  hf = build_hf_model("qwen3")
-  ids = _ids(hf.config.vocab_size)
-  ref = hf_logits(hf, ids)
-  sharded = save_hf_model(hf, tmp_path / "sharded", max_shard_size="20KB")
-  assert os.path.isfile(os.path.join(sharded, "model.safetensors.index.json"))
-  fused = save_hf_model(hf, tmp_path / "fused", save_original_format=False)
-  keys = load_file(os.path.join(fused, "model.safetensors")).keys()
-  assert "model.layers.0.mlp.experts.gate_up_proj" in keys
-  for path in (sharded, fused):
-    got = np.asarray(gspo_jax.from_pretrained(path)(jnp.asarray(ids)))
-    np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
+    hf = build_hf_model("qwen3")
+    ids = _ids(hf.config.vocab_size)
+    ref = hf_logits(hf, ids)
+    sharded = save_hf_model(hf, tmp_path / "sharded", max_shard_size="20KB")
+    assert os.path.isfile(os.path.join(sharded, "model.safetensors.index.json"))
+    fused = save_hf_model(hf, tmp_path / "fused", save_original_format=False)
+    keys = load_file(os.path.join(fused, "model.safetensors")).keys()
+    assert "model.layers.0.mlp.experts.gate_up_proj" in keys
+    for path in (sharded, fused):
+        got = np.asarray(gspo_jax.from_pretrained(path)(jnp.asarray(ids)))
+        np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
 
 
 def test_both_config_spellings(tmp_path):
-  hf = build_hf_model("qwen3", rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-  path = save_hf_model(hf, tmp_path / "m")
-  experts = hf.config.num_experts
-  rewrite_config(path, num_local_experts=None, num_experts=experts, rope_parameters=None, rope_theta=1e6)
-  model_a = gspo_jax.from_pretrained(path)
-  rewrite_config(path, num_experts=None, num_local_experts=experts, rope_theta=None,
-                 rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-  model_b = gspo_jax.from_pretrained(path)
-  for model in (model_a, model_b):
-    assert model.config.num_experts == experts and model.config.rope_theta == 1e6
-  ids = _ids(hf.config.vocab_size, (1, 30))
-  np.testing.assert_allclose(np.asarray(model_a(jnp.asarray(ids))), hf_logits(hf, ids), atol=TOL, rtol=0)
+    hf = build_hf_model("qwen3", rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    path = save_hf_model(hf, tmp_path / "m")
+    experts = hf.config.num_experts
+    rewrite_config(path, num_local_experts=None, num_experts=experts, rope_parameters=None, rope_theta=1e6)
+    model_a = gspo_jax.from_pretrained(path)
+    rewrite_config(
+        path,
+        num_experts=None,
+        num_local_experts=experts,
+        rope_theta=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    )
+    model_b = gspo_jax.from_pretrained(path)
+    for model in (model_a, model_b):
+        assert model.config.num_experts == experts and model.config.rope_theta == 1e6
+    ids = _ids(hf.config.vocab_size, (1, 30))
+    np.testing.assert_allclose(np.asarray(model_a(jnp.asarray(ids))), hf_logits(hf, ids), atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
 def test_aux_loss_matches_transformers_with_and_without_padding(tmp_path, kind):
-  hf = build_hf_model(kind, weight_std=0.2)
-  model = gspo_jax.from_pretrained(save_hf_model(hf, tmp_path / kind))
-  ids = _ids(hf.config.vocab_size, (3, 9))
-  mask = np.ones_like(ids)
-  mask[0, :4] = 0  # left padding
-  mask[2, :2] = 0
-  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-  for attention_mask in (None, mask):
-    with torch.no_grad():
-      out = hf(torch.as_tensor(ids), output_router_logits=True,
-               attention_mask=None if attention_mask is None else torch.as_tensor(attention_mask),
-               position_ids=None if attention_mask is None else torch.as_tensor(positions))
-    ours = model.forward(jnp.asarray(ids), valid_bt=None if attention_mask is None else jnp.asarray(mask))
-    np.testing.assert_allclose(float(ours.aux_loss), float(out.aux_loss), atol=1e-6, rtol=1e-5)
-  # Padding really is excluded: the masked value differs from the unmasked one.
-  unmasked = model.forward(jnp.asarray(ids)).aux_loss
-  masked = model.forward(jnp.asarray(ids), valid_bt=jnp.asarray(mask)).aux_loss
-  assert abs(float(unmasked) - float(masked)) > 1e-4
+    hf = build_hf_model(kind, weight_std=0.2)
+    model = gspo_jax.from_pretrained(save_hf_model(hf, tmp_path / kind))
+    ids = _ids(hf.config.vocab_size, (3, 9))
+    mask = np.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    mask[2, :2] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    for attention_mask in (None, mask):
+        with torch.no_grad():
+            out = hf(
+                torch.as_tensor(ids),
+                output_router_logits=True,
+                attention_mask=None if attention_mask is None else torch.as_tensor(attention_mask),
+                position_ids=None if attention_mask is None else torch.as_tensor(positions),
+            )
+        ours = model.forward(jnp.asarray(ids), valid_bt=None if attention_mask is None else jnp.asarray(mask))
+        np.testing.assert_allclose(float(ours.aux_loss), float(out.aux_loss), atol=1e-6, rtol=1e-5)
+    # Padding really is excluded: the masked value differs from the unmasked one.
+    unmasked = model.forward(jnp.asarray(ids)).aux_loss
+    masked = model.forward(jnp.asarray(ids), valid_bt=jnp.asarray(mask)).aux_loss
+    assert abs(float(unmasked) - float(masked)) > 1e-4
 
 
 def test_left_padded_rows_match_unpadded(tmp_path):
-  hf = build_hf_model("qwen3", weight_std=0.2)
-  model = gspo_jax.from_pretrained(save_hf_model(hf, tmp_path / "m"))
-  ids = _ids(hf.config.vocab_size, (1, 7))
-  padded = np.concatenate([np.zeros((1, 3), ids.dtype), ids], axis=1)
-  mask = np.array([[0, 0, 0] + [1] * 7])
-  alone = np.asarray(model(jnp.asarray(ids)))
-  together = np.asarray(model(jnp.asarray(padded), attention_mask_bt=jnp.asarray(mask)))
-  np.testing.assert_allclose(together[:, 3:], alone, atol=TOL, rtol=0)
-  np.testing.assert_allclose(alone, hf_logits(hf, ids), atol=TOL, rtol=0)
+    hf = build_hf_model("qwen3", weight_std=0.2)
+    model = gspo_jax.from_pretrained(save_hf_model(hf, tmp_path / "m"))
+    ids = _ids(hf.config.vocab_size, (1, 7))
+    padded = np.concatenate([np.zeros((1, 3), ids.dtype), ids], axis=1)
+    mask = np.array([[0, 0, 0] + [1] * 7])
+    alone = np.asarray(model(jnp.asarray(ids)))
+    together = np.asarray(model(jnp.asarray(padded), attention_mask_bt=jnp.asarray(mask)))
+    np.testing.assert_allclose(together[:, 3:], alone, atol=TOL, rtol=0)
+    np.testing.assert_allclose(alone, hf_logits(hf, ids), atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("kind,kwargs", [("qwen3", {}), ("qwen3", {"tie_word_embeddings": True}),
-                                         ("qwen2", {})])
+@pytest.mark.parametrize(
+    "kind,kwargs", [("qwen3", {}), ("qwen3", {"tie_word_embeddings": True}), ("qwen2", {})]
+)
 def test_save_pretrained_loads_in_transformers_with_same_logits(tmp_path, kind, kwargs):
-  hf = build_hf_model(kind, **kwargs)
-  model = gspo_jax.from_pretrained(save_hf_model(hf, tmp_path / "src"))
-  out = tmp_path / "out"
-  gspo_jax.save_pretrained(model, str(out))
-  reloaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()
-  ids = _ids(hf.config.vocab_size)
-  np.testing.assert_allclose(hf_logits(reloaded, ids), np.asarray(model(jnp.asarray(ids))), atol=TOL, rtol=0)
+    hf = build_hf_model(kind, **kwargs)
+    model = gspo_jax.from_pretrained(save_hf_model(hf, tmp_path / "src"))
+    out = tmp_path / "out"
+    gspo_jax.save_pretrained(model, str(out))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    ids = _ids(hf.config.vocab_size)
+    np.testing.assert_allclose(
+        hf_logits(reloaded, ids), np.asarray(model(jnp.asarray(ids))), atol=TOL, rtol=0
+    )
 
 
 def test_save_pretrained_sharded_and_fused_round_trip(tmp_path):
-  hf = build_hf_model("qwen3")
-  model = gspo_jax.from_pretrained(save_hf_model(hf, tmp_path / "src"))
-  ids = jnp.asarray(_ids(hf.config.vocab_size))
-  ref = np.asarray(model(ids))
-  gspo_jax.save_pretrained(model, str(tmp_path / "sharded"), max_shard_bytes=30_000)
-  gspo_jax.save_pretrained(model, str(tmp_path / "fused"), fused_experts=True)
-  assert os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
-  for name in ("sharded", "fused"):
-    np.testing.assert_array_equal(np.asarray(gspo_jax.from_pretrained(str(tmp_path / name))(ids)), ref)
-    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / name)).eval()
-    np.testing.assert_allclose(hf_logits(reloaded, np.asarray(ids)), ref, atol=TOL, rtol=0)
+    hf = build_hf_model("qwen3")
+    model = gspo_jax.from_pretrained(save_hf_model(hf, tmp_path / "src"))
+    ids = jnp.asarray(_ids(hf.config.vocab_size))
+    ref = np.asarray(model(ids))
+    gspo_jax.save_pretrained(model, str(tmp_path / "sharded"), max_shard_bytes=30_000)
+    gspo_jax.save_pretrained(model, str(tmp_path / "fused"), fused_experts=True)
+    assert os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
+    for name in ("sharded", "fused"):
+        np.testing.assert_array_equal(np.asarray(gspo_jax.from_pretrained(str(tmp_path / name))(ids)), ref)
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / name)).eval()
+        np.testing.assert_allclose(hf_logits(reloaded, np.asarray(ids)), ref, atol=TOL, rtol=0)
 
 
 def test_bad_checkpoint_keys_are_listed_in_one_error(tmp_path):
-  hf = build_hf_model("qwen3")
-  path = save_hf_model(hf, tmp_path / "m")
-  file = os.path.join(path, "model.safetensors")
-  tensors = load_file(file)
-  del tensors["model.layers.1.self_attn.q_norm.weight"]
-  tensors["model.layers.0.mlp.gate.weight"] = np.zeros((7, 32), np.float32)
-  tensors["model.layers.9.extra.weight"] = np.zeros((2,), np.float32)
-  save_file(tensors, file, metadata={"format": "pt"})
-  with pytest.raises(CheckpointKeyError) as err:
-    gspo_jax.from_pretrained(path)
-  message = str(err.value)
-  assert "missing" in message and "model.layers.1.self_attn.q_norm.weight" in message
-  assert "mis-shaped" in message and "model.layers.0.mlp.gate.weight: file (7, 32) vs expected (6, 32)" in message
-  assert "unexpected" in message and "model.layers.9.extra.weight" in message
+    hf = build_hf_model("qwen3")
+    path = save_hf_model(hf, tmp_path / "m")
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    del tensors["model.layers.1.self_attn.q_norm.weight"]
+    tensors["model.layers.0.mlp.gate.weight"] = np.zeros((7, 32), np.float32)
+    tensors["model.layers.9.extra.weight"] = np.zeros((2,), np.float32)
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(CheckpointKeyError) as err:
+        gspo_jax.from_pretrained(path)
+    message = str(err.value)
+    assert "missing" in message and "model.layers.1.self_attn.q_norm.weight" in message
+    assert (
+        "mis-shaped" in message
+        and "model.layers.0.mlp.gate.weight: file (7, 32) vs expected (6, 32)" in message
+    )
+    assert "unexpected" in message and "model.layers.9.extra.weight" in message
 
 
 def test_missing_files_and_unsupported_configs_fail_clearly(tmp_path):
-  with pytest.raises(FileNotFoundError, match="config.json"):
-    gspo_jax.from_pretrained(str(tmp_path))
-  hf = build_hf_model("qwen3")
-  path = save_hf_model(hf, tmp_path / "m")
-  rewrite_config(path, rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0})
-  with pytest.raises(ValueError, match="rope_type='yarn'"):
-    gspo_jax.from_pretrained(path)
-  rewrite_config(path, model_type="llama")
-  with pytest.raises(ValueError, match="model_type='llama'"):
-    gspo_jax.from_pretrained(path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        gspo_jax.from_pretrained(str(tmp_path))
+    hf = build_hf_model("qwen3")
+    path = save_hf_model(hf, tmp_path / "m")
+    rewrite_config(path, rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0})
+    with pytest.raises(ValueError, match="rope_type='yarn'"):
+        gspo_jax.from_pretrained(path)
+    rewrite_config(path, model_type="llama")
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        gspo_jax.from_pretrained(path)
 
 
 def test_bf16_compute_is_close_to_fp32(tmp_path):
-  hf = build_hf_model("qwen3", weight_std=0.1)
-  path = save_hf_model(hf, tmp_path / "m")
-  ids = jnp.asarray(_ids(hf.config.vocab_size))
-  fp32 = np.asarray(gspo_jax.from_pretrained(path)(ids))
-  mixed = gspo_jax.from_pretrained(path, dtype="bfloat16", param_dtype="float32")
-  assert mixed.embed_tokens.value.dtype == jnp.float32
-  out = mixed(ids)
-  assert out.dtype == jnp.float32
-  assert np.abs(np.asarray(out) - fp32).max() < 0.05 * np.abs(fp32).max()
+    hf = build_hf_model("qwen3", weight_std=0.1)
+    path = save_hf_model(hf, tmp_path / "m")
+    ids = jnp.asarray(_ids(hf.config.vocab_size))
+    fp32 = np.asarray(gspo_jax.from_pretrained(path)(ids))
+    mixed = gspo_jax.from_pretrained(path, dtype="bfloat16", param_dtype="float32")
+    assert mixed.embed_tokens.value.dtype == jnp.float32
+    out = mixed(ids)
+    assert out.dtype == jnp.float32
+    assert np.abs(np.asarray(out) - fp32).max() < 0.05 * np.abs(fp32).max()

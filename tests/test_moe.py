@@ -1,4 +1,5 @@
 """MoE dispatch strategies agree with each other and with a numpy reference; preset sizes match releases."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,119 +15,141 @@ E, K, D, I = 6, 2, 8, 5
 
 
 def _experts(seed=0):
-  rng = np.random.default_rng(seed)
-  return [jnp.asarray(rng.normal(size=s).astype(np.float32)) for s in ((E, D, I), (E, D, I), (E, I, D))]
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.normal(size=s).astype(np.float32)) for s in ((E, D, I), (E, D, I), (E, I, D))]
 
 
 def _routing(t, seed=1):
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=(t, D)).astype(np.float32)
-  router = rng.normal(size=(D, E)).astype(np.float32)
-  _, ids, weights = moe.route(jnp.asarray(x), jnp.asarray(router), K, norm_topk_prob=False)
-  return jnp.asarray(x), ids, weights
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(t, D)).astype(np.float32)
+    router = rng.normal(size=(D, E)).astype(np.float32)
+    _, ids, weights = moe.route(jnp.asarray(x), jnp.asarray(router), K, norm_topk_prob=False)
+    return jnp.asarray(x), ids, weights
 
 
 def numpy_moe(x, ids, weights, valid, gate, up, down, capacity=None):
-  """Loop reference: assignment (t, j) is served unless its expert already has `capacity` real
-  assignments of higher priority (all first choices in token order, then all second choices)."""
-  x, ids, weights = map(np.asarray, (x, ids, weights))
-  gate, up, down = map(np.asarray, (gate, up, down))
-  y = np.zeros_like(x)
-  used = np.zeros(E, int)
-  dropped = 0
-  for j in range(ids.shape[1]):
-    for t in range(ids.shape[0]):
-      if not valid[t]:
-        continue
-      e = ids[t, j]
-      if capacity is not None and used[e] >= capacity:
-        dropped += 1
-        continue
-      used[e] += 1
-      h = x[t] @ gate[e]
-      h = h / (1 + np.exp(-h)) * (x[t] @ up[e])
-      y[t] += weights[t, j] * (h @ down[e])
-  return y, dropped
+    """Loop reference: assignment (t, j) is served unless its expert already has `capacity` real
+    assignments of higher priority (all first choices in token order, then all second choices)."""
+    x, ids, weights = map(np.asarray, (x, ids, weights))
+    gate, up, down = map(np.asarray, (gate, up, down))
+    y = np.zeros_like(x)
+    used = np.zeros(E, int)
+    dropped = 0
+    for j in range(ids.shape[1]):
+        for t in range(ids.shape[0]):
+            if not valid[t]:
+                continue
+            e = ids[t, j]
+            if capacity is not None and used[e] >= capacity:
+                dropped += 1
+                continue
+            used[e] += 1
+            h = x[t] @ gate[e]
+            h = h / (1 + np.exp(-h)) * (x[t] @ up[e])
+            y[t] += weights[t, j] * (h @ down[e])
+    return y, dropped
 
 
 @pytest.mark.parametrize("strategy", sorted(moe.DISPATCH_STRATEGIES))
 def test_dropless_strategies_match_numpy(strategy):
-  x, ids, weights = _routing(13)
-  valid = np.ones(13, bool)
-  valid[[2, 7]] = False
-  gate, up, down = _experts()
-  y, dropped = moe.DISPATCH_STRATEGIES[strategy](x, ids, weights, jnp.asarray(valid), gate, up, down,
-                                                   capacity_factor=0.0)
-  ref, _ = numpy_moe(x, ids, weights, np.ones(13, bool), gate, up, down)
-  # Masked tokens may be computed or not; only real tokens must match.
-  np.testing.assert_allclose(np.asarray(y)[valid], ref[valid], rtol=1e-5, atol=1e-5)
-  assert float(dropped) == 0
+    x, ids, weights = _routing(13)
+    valid = np.ones(13, bool)
+    valid[[2, 7]] = False
+    gate, up, down = _experts()
+    y, dropped = moe.DISPATCH_STRATEGIES[strategy](
+        x, ids, weights, jnp.asarray(valid), gate, up, down, capacity_factor=0.0
+    )
+    ref, _ = numpy_moe(x, ids, weights, np.ones(13, bool), gate, up, down)
+    # Masked tokens may be computed or not; only real tokens must match.
+    np.testing.assert_allclose(np.asarray(y)[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    assert float(dropped) == 0
 
 
 def test_capacity_drops_exactly_like_reference():
-  x, ids, weights = _routing(20, seed=3)
-  valid = np.ones(20, bool)
-  valid[5] = False
-  gate, up, down = _experts()
-  factor = 0.6
-  capacity = moe.expert_capacity(20, K, E, factor)
-  assert capacity == 4  # ceil(0.6 * 20 * 2 / 6)
-  y, dropped = moe.capacity_dispatch(x, ids, weights, jnp.asarray(valid), gate, up, down,
-                                     capacity_factor=factor)
-  ref, ref_dropped = numpy_moe(x, ids, weights, valid, gate, up, down, capacity=capacity)
-  assert ref_dropped > 0 and float(dropped) == ref_dropped
-  np.testing.assert_allclose(np.asarray(y)[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    x, ids, weights = _routing(20, seed=3)
+    valid = np.ones(20, bool)
+    valid[5] = False
+    gate, up, down = _experts()
+    factor = 0.6
+    capacity = moe.expert_capacity(20, K, E, factor)
+    assert capacity == 4  # ceil(0.6 * 20 * 2 / 6)
+    y, dropped = moe.capacity_dispatch(
+        x, ids, weights, jnp.asarray(valid), gate, up, down, capacity_factor=factor
+    )
+    ref, ref_dropped = numpy_moe(x, ids, weights, valid, gate, up, down, capacity=capacity)
+    assert ref_dropped > 0 and float(dropped) == ref_dropped
+    np.testing.assert_allclose(np.asarray(y)[valid], ref[valid], rtol=1e-5, atol=1e-5)
 
 
 def test_strategies_give_same_gradients():
-  x, ids, weights = _routing(11, seed=4)
-  valid = jnp.ones(11, bool)
-  experts = _experts(5)
+    x, ids, weights = _routing(11, seed=4)
+    valid = jnp.ones(11, bool)
+    experts = _experts(5)
 
-  def loss(strategy, x, weights, *experts):
-    y, _ = moe.DISPATCH_STRATEGIES[strategy](x, ids, weights, valid, *experts, capacity_factor=0.0)
-    return jnp.sum(jnp.sin(y))
+    def loss(strategy, x, weights, *experts):
+        y, _ = moe.DISPATCH_STRATEGIES[strategy](x, ids, weights, valid, *experts, capacity_factor=0.0)
+        return jnp.sum(jnp.sin(y))
 
-  grads = {s: jax.grad(loss, argnums=(1, 2, 3, 4, 5))(s, x, weights, *experts) for s in moe.DISPATCH_STRATEGIES}
-  for s in ("capacity", "ragged"):
-    for g, g_ref in zip(grads[s], grads["dense"]):
-      np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-4, atol=1e-5)
+    grads = {
+        s: jax.grad(loss, argnums=(1, 2, 3, 4, 5))(s, x, weights, *experts) for s in moe.DISPATCH_STRATEGIES
+    }
+    for s in ("capacity", "ragged"):
+        for g, g_ref in zip(grads[s], grads["dense"]):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-4, atol=1e-5)
 
 
-TINY = ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
-                   num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=12,
-                   model_type="qwen2_moe", qkv_bias=True, qk_norm=False, initializer_range=0.3)
+TINY = ModelConfig(
+    vocab_size=50,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=8,
+    shared_expert_intermediate_size=12,
+    model_type="qwen2_moe",
+    qkv_bias=True,
+    qk_norm=False,
+    initializer_range=0.3,
+)
 
 
 def test_model_outputs_and_gradients_agree_across_strategies():
-  ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 9)))
-  valid = jnp.asarray(np.arange(9)[None, :] >= np.array([[0], [3]]))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 9)))
+    valid = jnp.asarray(np.arange(9)[None, :] >= np.array([[0], [3]]))
 
-  def loss_and_grad(strategy):
-    model = QwenMoeForCausalLM(TINY.replace(moe_dispatch=strategy), rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
+    def loss_and_grad(strategy):
+        model = QwenMoeForCausalLM(TINY.replace(moe_dispatch=strategy), rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model)
 
-    def loss(params):
-      out = nnx.merge(graphdef, params).forward(ids, valid_bt=valid)
-      logits = nnx.merge(graphdef, params).logits(out.hidden)
-      return jnp.sum(jnp.where(valid[..., None], jax.nn.log_softmax(logits), 0.0)) + out.aux_loss
+        def loss(params):
+            out = nnx.merge(graphdef, params).forward(ids, valid_bt=valid)
+            logits = nnx.merge(graphdef, params).logits(out.hidden)
+            return jnp.sum(jnp.where(valid[..., None], jax.nn.log_softmax(logits), 0.0)) + out.aux_loss
 
-    return jax.jit(jax.value_and_grad(loss))(params)
+        return jax.jit(jax.value_and_grad(loss))(params)
 
-  ref_value, ref_grad = loss_and_grad("dense")
-  for strategy in ("capacity", "ragged"):
-    value, grad = loss_and_grad(strategy)
-    np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
-    # fp32 sums in a different order: compare relative to each gradient's scale.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(
-        np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * max(1.0, float(jnp.abs(b).max()))), grad, ref_grad)
+    ref_value, ref_grad = loss_and_grad("dense")
+    for strategy in ("capacity", "ragged"):
+        value, grad = loss_and_grad(strategy)
+        np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
+        # fp32 sums in a different order: compare relative to each gradient's scale.
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(
+                np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * max(1.0, float(jnp.abs(b).max()))
+            ),
+            grad,
+            ref_grad,
+        )
 
 
 def test_auto_dispatch_picks_capacity_on_cpu():
-  assert moe.resolve_dispatch("auto") == ("capacity" if jax.default_backend() == "cpu" else "ragged")
-  with pytest.raises(ValueError, match="moe_dispatch='grouped'"):
-    moe.resolve_dispatch("grouped")
+    assert moe.resolve_dispatch("auto") == ("capacity" if jax.default_backend() == "cpu" else "ragged")
+    with pytest.raises(ValueError, match="moe_dispatch='grouped'"):
+        moe.resolve_dispatch("grouped")
 
 
 RELEASED = {  # total, active parameters (shared/QWEN_MOE.md)
@@ -138,19 +161,22 @@ RELEASED = {  # total, active parameters (shared/QWEN_MOE.md)
 
 @pytest.mark.parametrize("preset", sorted(RELEASED))
 def test_abstract_parameter_count_equals_release(preset):
-  cfg = PRESETS[preset]
-  _, state = abstract_model(cfg)
-  leaves = {path: v.get_value() for path, v in nnx.to_flat_state(state)}
-  assert all(isinstance(v, jax.ShapeDtypeStruct) for v in leaves.values())  # nothing allocated
-  total = sum(int(np.prod(v.shape)) for v in leaves.values())
-  per_expert = sum(int(np.prod(v.shape[1:])) for p, v in leaves.items()
-                   if p[-1] in ("gate_proj", "up_proj", "down_proj") and "mlp" in p and len(v.shape) == 3)
-  inactive = per_expert * (cfg.num_experts - cfg.num_experts_per_tok)
-  assert (total, total - inactive) == RELEASED[preset]
+    cfg = PRESETS[preset]
+    _, state = abstract_model(cfg)
+    leaves = {path: v.get_value() for path, v in nnx.to_flat_state(state)}
+    assert all(isinstance(v, jax.ShapeDtypeStruct) for v in leaves.values())  # nothing allocated
+    total = sum(int(np.prod(v.shape)) for v in leaves.values())
+    per_expert = sum(
+        int(np.prod(v.shape[1:]))
+        for p, v in leaves.items()
+        if p[-1] in ("gate_proj", "up_proj", "down_proj") and "mlp" in p and len(v.shape) == 3
+    )
+    inactive = per_expert * (cfg.num_experts - cfg.num_experts_per_tok)
+    assert (total, total - inactive) == RELEASED[preset]
 
 
 def test_invalid_config_names_the_fix():
-  with pytest.raises(ValueError, match="num_experts_per_tok=9 must be in"):
-    TINY.replace(num_experts_per_tok=9)
-  with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
-    TINY.replace(num_key_value_heads=3)
+    with pytest.raises(ValueError, match="num_experts_per_tok=9 must be in"):
+        TINY.replace(num_experts_per_tok=9)
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        TINY.replace(num_key_value_heads=3)

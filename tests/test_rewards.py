@@ -1,4 +1,5 @@
 """Reward registry, built-in verifiers, weights, user functions by path, and error reporting."""
+
 import math
 import sys
 import textwrap
@@ -11,37 +12,43 @@ from gspo_jax import rewards
 from gspo_jax.rewards import RewardFunctionError, RewardSet
 
 
-@pytest.mark.parametrize("completion,answer,expected", [
-    ("The answer is \\boxed{1,234}.", "1234", 1.0),
-    ("so x = 3.0", "3", 1.0),
-    ("first 12, then 15", "15", 1.0),              # last number wins
-    ("first 12, then 15", "12", 0.0),
-    ("\\boxed{7}, not 8", "7", 1.0),               # boxed beats the last number
-    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),         # nested braces inside boxed
-    ("\\boxed{3/4}", "0.75", 1.0),
-    ("total: -3", "-3", 1.0),
-    ("1,234", "1,234", 1.0),
-    ("72", "48 + 24 = 72 #### 72", 1.0),           # GSM8K-style answer: its last number
-    ("\\boxed{x+1}", "x + 1", 1.0),                # non-numeric: text without spaces
-    ("\\boxed{x+2}", "x + 1", 0.0),
-    ("4", "3", 0.0),
-    ("no number here", "3", 0.0),
-    ("3.5", "3", 0.0),
-    ("5", 5, 1.0),                                 # answers from JSON may be ints
-])
+@pytest.mark.parametrize(
+    "completion,answer,expected",
+    [
+        ("The answer is \\boxed{1,234}.", "1234", 1.0),
+        ("so x = 3.0", "3", 1.0),
+        ("first 12, then 15", "15", 1.0),  # last number wins
+        ("first 12, then 15", "12", 0.0),
+        ("\\boxed{7}, not 8", "7", 1.0),  # boxed beats the last number
+        ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),  # nested braces inside boxed
+        ("\\boxed{3/4}", "0.75", 1.0),
+        ("total: -3", "-3", 1.0),
+        ("1,234", "1,234", 1.0),
+        ("72", "48 + 24 = 72 #### 72", 1.0),  # GSM8K-style answer: its last number
+        ("\\boxed{x+1}", "x + 1", 1.0),  # non-numeric: text without spaces
+        ("\\boxed{x+2}", "x + 1", 0.0),
+        ("4", "3", 0.0),
+        ("no number here", "3", 0.0),
+        ("3.5", "3", 0.0),
+        ("5", 5, 1.0),  # answers from JSON may be ints
+    ],
+)
 def test_math_answer(completion, answer, expected):
     assert rewards.math_answer(["p"], [completion], answer=[answer]) == [expected]
 
 
-@pytest.mark.parametrize("completion,expected", [
-    ("<answer>5</answer>", 1.0),
-    ("think... <answer>\n5\n</answer> done", 1.0),
-    ("\\boxed{5}", 1.0),
-    ("5", 0.0),
-    ("<answer></answer>", 0.0),
-    ("\\boxed{}", 0.0),
-    ("<answer>5", 0.0),
-])
+@pytest.mark.parametrize(
+    "completion,expected",
+    [
+        ("<answer>5</answer>", 1.0),
+        ("think... <answer>\n5\n</answer> done", 1.0),
+        ("\\boxed{5}", 1.0),
+        ("5", 0.0),
+        ("<answer></answer>", 0.0),
+        ("\\boxed{}", 0.0),
+        ("<answer>5", 0.0),
+    ],
+)
 def test_format_default_pattern(completion, expected):
     assert rewards.format_reward(["p"], [completion]) == [expected]
 
@@ -81,7 +88,8 @@ def test_fn_kwargs_bind_a_custom_format_pattern(as_config_dict):
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     """A module `my_rewards_mod` importable from a temporary directory."""
-    (tmp_path / "my_rewards_mod.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_rewards_mod.py").write_text(
+        textwrap.dedent("""
         def length(completions, **kwargs):
             assert "completion_ids" in kwargs and "answer" in kwargs
             return [float(len(c)) for c in completions]
@@ -116,15 +124,15 @@ def user_module(tmp_path, monkeypatch):
             return [0.0 for _ in prompts]
 
         NOT_A_FUNCTION = 3
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "my_rewards_mod"
     sys.modules.pop("my_rewards_mod", None)
 
 
 def test_user_function_by_import_path(user_module):
-    reward_set = RewardSet.from_config(
-        [f"{user_module}:length", f"{user_module}:only_named"], [1.0, 10.0])
+    reward_set = RewardSet.from_config([f"{user_module}:length", f"{user_module}:only_named"], [1.0, 10.0])
     out = reward_set(["a", "b"], ["xyz", "7"], completion_ids=[[1, 2, 3], [4]], answer=["0", "7"])
     np.testing.assert_allclose(out.columns[f"{user_module}:length"], [3.0, 1.0])
     np.testing.assert_allclose(out.columns[f"{user_module}:only_named"], [0.0, 1.0])
@@ -142,15 +150,18 @@ def test_register_reward_by_name():
         rewards.register_reward("test_constant_reward", lambda prompts, completions: [0.0])
 
 
-@pytest.mark.parametrize("fns,weights,match", [
-    ("math_anser", None, "unknown reward 'math_anser'"),
-    ("no_such_module_xyz:fn", None, "cannot import module 'no_such_module_xyz'"),
-    ("math,format", None, "unknown reward 'math'"),
-    ("sort_digits,format", "1.0", r"1 reward weights .* 2 reward functions"),
-    ("sort_digits", "heavy", "not a number"),
-    ("format,format", None, "listed twice"),
-    ("", None, "no reward functions"),
-])
+@pytest.mark.parametrize(
+    "fns,weights,match",
+    [
+        ("math_anser", None, "unknown reward 'math_anser'"),
+        ("no_such_module_xyz:fn", None, "cannot import module 'no_such_module_xyz'"),
+        ("math,format", None, "unknown reward 'math'"),
+        ("sort_digits,format", "1.0", r"1 reward weights .* 2 reward functions"),
+        ("sort_digits", "heavy", "not a number"),
+        ("format,format", None, "listed twice"),
+        ("", None, "no reward functions"),
+    ],
+)
 def test_config_errors_name_the_entry(fns, weights, match):
     with pytest.raises(ValueError, match=match):
         RewardSet.from_config(fns, weights)
@@ -200,12 +211,15 @@ def test_batch_only_failure_is_reported(user_module):
         reward_set(["p", "p"], ["a", "b"])
 
 
-@pytest.mark.parametrize("fn,match", [
-    ("wrong_length", "returned 1 values for 2 completions"),
-    ("gives_nan", r"returned nan .* sample 1: prompt='p1', completion='y'"),
-    ("gives_none", r"returned None .* sample 0: prompt='p0', completion='x'"),
-    ("gives_text", r"returned 'high' .* sample 0"),
-])
+@pytest.mark.parametrize(
+    "fn,match",
+    [
+        ("wrong_length", "returned 1 values for 2 completions"),
+        ("gives_nan", r"returned nan .* sample 1: prompt='p1', completion='y'"),
+        ("gives_none", r"returned None .* sample 0: prompt='p0', completion='x'"),
+        ("gives_text", r"returned 'high' .* sample 0"),
+    ],
+)
 def test_bad_outputs_raise_reward_function_error(user_module, fn, match):
     reward_set = RewardSet.from_config(f"{user_module}:{fn}")
     with pytest.raises(RewardFunctionError, match=match):

@@ -1,4 +1,5 @@
 """Built-in tasks: deterministic generators, disjoint splits, exact verifiers, partial credit."""
+
 import hashlib
 import re
 
@@ -53,31 +54,37 @@ def test_too_small_eval_space_names_the_fix():
         task.records("eval", 0, 200)
 
 
-@pytest.mark.parametrize("completion,score", [
-    ("12345", 1.0),
-    (" 12345\n", 1.0),      # surrounding whitespace ignored
-    ("12354", 3 / 5),       # right length, positions 4 and 5 wrong
-    ("54321", 1 / 5),       # only the middle digit in place
-    ("1234", 0.5 * 4 / 5),  # wrong length: half of 4 matches over 5
-    ("123456", 0.5 * 5 / 6),
-    ("1234512345", 0.5 * 5 / 10),
-    ("", 0.0),
-    ("abcde", 0.0),
-])
+@pytest.mark.parametrize(
+    "completion,score",
+    [
+        ("12345", 1.0),
+        (" 12345\n", 1.0),  # surrounding whitespace ignored
+        ("12354", 3 / 5),  # right length, positions 4 and 5 wrong
+        ("54321", 1 / 5),  # only the middle digit in place
+        ("1234", 0.5 * 4 / 5),  # wrong length: half of 4 matches over 5
+        ("123456", 0.5 * 5 / 6),
+        ("1234512345", 0.5 * 5 / 10),
+        ("", 0.0),
+        ("abcde", 0.0),
+    ],
+)
 def test_sort_partial_credit(completion, score):
     task = tasks.get_task("sort_digits")
     assert task.reward_fn(["31425="], [completion], answer=["12345"]) == pytest.approx([score])
     assert task.is_correct(completion, "12345") == (score == 1.0)
 
 
-@pytest.mark.parametrize("completion,score", [
-    ("132", 1.0),
-    ("122", 2 / 3),        # tens digit wrong
-    ("032", 2 / 3),
-    ("32", 0.5 * 2 / 3),   # units and tens right, hundreds missing
-    ("1320", 0.0),         # right-aligned: 0 vs 2, 2 vs 3, 3 vs 1 all differ
-    ("x", 0.0),
-])
+@pytest.mark.parametrize(
+    "completion,score",
+    [
+        ("132", 1.0),
+        ("122", 2 / 3),  # tens digit wrong
+        ("032", 2 / 3),
+        ("32", 0.5 * 2 / 3),  # units and tens right, hundreds missing
+        ("1320", 0.0),  # right-aligned: 0 vs 2, 2 vs 3, 3 vs 1 all differ
+        ("x", 0.0),
+    ],
+)
 def test_addition_partial_credit(completion, score):
     task = tasks.get_task("addition")
     assert task.reward_fn(["47+85="], [completion], answer=["132"]) == pytest.approx([score])

@@ -1,4 +1,5 @@
 """Built-in tokenizer: exact round trip, HF save/load, special-token handling, eos ids."""
+
 import json
 
 import pytest
@@ -28,7 +29,11 @@ def test_ids_of_special_tokens_and_characters():
     tok = tk.builtin_tokenizer()
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
     assert (tok.pad_token, tok.bos_token, tok.eos_token, tok.unk_token) == (
-        "<pad>", "<bos>", "<eos>", "<unk>")
+        "<pad>",
+        "<bos>",
+        "<eos>",
+        "<unk>",
+    )
     # Digits follow the four special tokens in order.
     assert tok("0123456789")["input_ids"] == list(range(4, 14))
     assert len(tok) == 64

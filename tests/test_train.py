@@ -1,4 +1,5 @@
 """End-to-end trainer runs on a micro config, config validation, reward and data error paths."""
+
 import json
 import os
 import subprocess
@@ -14,100 +15,152 @@ from gspo_jax.train import ConfigError, validate_config
 from gspo_jax.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REQUIRED_STEP_KEYS = ("step", "reward/mean", "reward/std", "loss", "clip_frac/seq", "clip_frac/token",
-                      "ratio/mean", "kl", "entropy", "completion_len/mean", "tokens_per_s", "step_time_s",
-                      "moe/expert_load")
+REQUIRED_STEP_KEYS = (
+    "step",
+    "reward/mean",
+    "reward/std",
+    "loss",
+    "clip_frac/seq",
+    "clip_frac/token",
+    "ratio/mean",
+    "kl",
+    "entropy",
+    "completion_len/mean",
+    "tokens_per_s",
+    "step_time_s",
+    "moe/expert_load",
+)
 
 
 def micro_config(workdir, **overrides):
-  cfg = micro.get_config()
-  cfg.workdir = str(workdir)
-  return micro.override(cfg, **overrides)
+    cfg = micro.get_config()
+    cfg.workdir = str(workdir)
+    return micro.override(cfg, **overrides)
 
 
 def read_lines(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f]
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 def test_micro_run_writes_every_output(tmp_path):
-  cfg = micro_config(tmp_path / "run")
-  validate_config(cfg)
-  Trainer(cfg).run()
-  lines = read_lines(tmp_path / "run" / "metrics.jsonl")
-  rl_steps = [l for l in lines if l.get("phase") in (None, "rl") and "reward/mean" in l]
-  assert [l["step"] for l in rl_steps] == [1, 2]
-  for line in rl_steps:
-    missing = [k for k in REQUIRED_STEP_KEYS if k not in line]
-    assert not missing, missing
-    assert len(line["moe/expert_load"]) == 8 and abs(sum(line["moe/expert_load"]) - 1) < 1e-5
-    assert 0 <= line["clip_frac/seq"] <= 1 and np.isfinite(line["loss"])
-  evals = [l for l in lines if "eval/accuracy" in l]
-  assert [(l["step"], l.get("phase")) for l in evals] == [(2, "warmstart"), (0, None), (2, None)]
-  assert all("eval/reward/mean" in l for l in evals)
-  assert read_lines(tmp_path / "run" / "samples.jsonl")
-  assert os.listdir(tmp_path / "run" / "tb")
-  assert {"reward.png", "eval_accuracy.png"} <= set(os.listdir(tmp_path / "run" / "plots"))
-  assert sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())[-1] == 2
+    cfg = micro_config(tmp_path / "run")
+    validate_config(cfg)
+    Trainer(cfg).run()
+    lines = read_lines(tmp_path / "run" / "metrics.jsonl")
+    rl_steps = [l for l in lines if l.get("phase") in (None, "rl") and "reward/mean" in l]
+    assert [l["step"] for l in rl_steps] == [1, 2]
+    for line in rl_steps:
+        missing = [k for k in REQUIRED_STEP_KEYS if k not in line]
+        assert not missing, missing
+        assert len(line["moe/expert_load"]) == 8 and abs(sum(line["moe/expert_load"]) - 1) < 1e-5
+        assert 0 <= line["clip_frac/seq"] <= 1 and np.isfinite(line["loss"])
+    evals = [l for l in lines if "eval/accuracy" in l]
+    assert [(l["step"], l.get("phase")) for l in evals] == [(2, "warmstart"), (0, None), (2, None)]
+    assert all("eval/reward/mean" in l for l in evals)
+    assert read_lines(tmp_path / "run" / "samples.jsonl")
+    assert os.listdir(tmp_path / "run" / "tb")
+    assert {"reward.png", "eval_accuracy.png"} <= set(os.listdir(tmp_path / "run" / "plots"))
+    assert sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())[-1] == 2
 
 
 def test_sharded_run_on_a_data_expert_tensor_mesh(tmp_path):
-  cfg = micro_config(tmp_path / "mesh", **{"mesh.num_devices": 8, "mesh.data": 2, "mesh.expert": 2, "mesh.tensor": 2,
-                                           "warmstart.steps": 0, "eval.every": 0, "steps": 1,
-                                           "algo.old_logprobs": "sampler",
-                                           "algo.importance_sampling_level": "token"})
-  validate_config(cfg)
-  trainer = Trainer(cfg)
-  assert dict(trainer.mesh.shape) == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2}
-  expert_weights = trainer.policy.params["layers"][0]["mlp"]["gate_proj"].get_value()
-  assert expert_weights.sharding.spec[0] == "expert"
-  trainer.run()
-  line = read_lines(tmp_path / "mesh" / "metrics.jsonl")[-1]
-  # Old log-probs come from the sampler; the first update's fresh forward differs only by float error.
-  assert line["logprob_gap/token_abs"] < 1e-3
+    cfg = micro_config(
+        tmp_path / "mesh",
+        **{
+            "mesh.num_devices": 8,
+            "mesh.data": 2,
+            "mesh.expert": 2,
+            "mesh.tensor": 2,
+            "warmstart.steps": 0,
+            "eval.every": 0,
+            "steps": 1,
+            "algo.old_logprobs": "sampler",
+            "algo.importance_sampling_level": "token",
+        },
+    )
+    validate_config(cfg)
+    trainer = Trainer(cfg)
+    assert dict(trainer.mesh.shape) == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2}
+    expert_weights = trainer.policy.params["layers"][0]["mlp"]["gate_proj"].get_value()
+    assert expert_weights.sharding.spec[0] == "expert"
+    trainer.run()
+    line = read_lines(tmp_path / "mesh" / "metrics.jsonl")[-1]
+    # Old log-probs come from the sampler; the first update's fresh forward differs only by float error.
+    assert line["logprob_gap/token_abs"] < 1e-3
 
 
 def test_config_errors_name_the_key_and_fix(tmp_path):
-  cfg = micro_config(tmp_path / "bad", **{"rollout.group_size": 1, "algo.importance_sampling_level": "seq",
-                                          "algo.minibatches": 3, "mesh.num_devices": 0, "mesh.data": 3, "reward.fns": "no_such_reward",
-                                          "rollout.temperature": 0.0})
-  with pytest.raises(ConfigError) as err:
-    validate_config(cfg, num_devices=8)
-  message = str(err.value)
-  for expected in ("--config.rollout.group_size: must be >= 2", "--config.algo.importance_sampling_level",
-                   "--config.algo.minibatches: 3 does not divide", "--config.mesh", "no_such_reward",
-                   "--config.rollout.temperature"):
-    assert expected in message, expected
-  assert not os.path.exists(tmp_path / "bad")
+    cfg = micro_config(
+        tmp_path / "bad",
+        **{
+            "rollout.group_size": 1,
+            "algo.importance_sampling_level": "seq",
+            "algo.minibatches": 3,
+            "mesh.num_devices": 0,
+            "mesh.data": 3,
+            "reward.fns": "no_such_reward",
+            "rollout.temperature": 0.0,
+        },
+    )
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg, num_devices=8)
+    message = str(err.value)
+    for expected in (
+        "--config.rollout.group_size: must be >= 2",
+        "--config.algo.importance_sampling_level",
+        "--config.algo.minibatches: 3 does not divide",
+        "--config.mesh",
+        "no_such_reward",
+        "--config.rollout.temperature",
+    ):
+        assert expected in message, expected
+    assert not os.path.exists(tmp_path / "bad")
 
 
 def test_experts_not_divisible_by_expert_axis(tmp_path):
-  cfg = micro_config(tmp_path / "ep", **{"mesh.num_devices": 8, "rollout.prompts_per_step": 8,
-                                        "mesh.data": 1, "mesh.expert": -1})  # 8 experts over 8 devices: fine
-  validate_config(cfg, num_devices=8)
-  cfg = micro_config(tmp_path / "ep", **{"mesh.num_devices": 6, "rollout.prompts_per_step": 6,
-                                        "mesh.data": 2, "mesh.expert": 3})  # 8 experts over 3 devices
-  with pytest.raises(ConfigError, match="num_experts must be divisible by mesh.expert"):
-    validate_config(cfg)
-  with pytest.raises(ValueError, match="num_experts must be divisible by mesh.expert"):
-    Trainer(cfg)
+    cfg = micro_config(
+        tmp_path / "ep",
+        **{"mesh.num_devices": 8, "rollout.prompts_per_step": 8, "mesh.data": 1, "mesh.expert": -1},
+    )  # 8 experts over 8 devices: fine
+    validate_config(cfg, num_devices=8)
+    cfg = micro_config(
+        tmp_path / "ep",
+        **{"mesh.num_devices": 6, "rollout.prompts_per_step": 6, "mesh.data": 2, "mesh.expert": 3},
+    )  # 8 experts over 3 devices
+    with pytest.raises(ConfigError, match="num_experts must be divisible by mesh.expert"):
+        validate_config(cfg)
+    with pytest.raises(ValueError, match="num_experts must be divisible by mesh.expert"):
+        Trainer(cfg)
 
 
 def test_cli_fails_fast_on_invalid_config(tmp_path):
-  workdir = tmp_path / "cli"
-  proc = subprocess.run(
-      [sys.executable, "-m", "gspo_jax.train", "--config=configs/qwen_moe.py",
-       f"--config.workdir={workdir}", "--config.rollout.group_size=1", "--config.optim.lr=-1"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env=os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
-  assert proc.returncode != 0
-  assert "--config.rollout.group_size" in proc.stderr and "--config.optim.lr" in proc.stderr
-  assert not workdir.exists()
+    workdir = tmp_path / "cli"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gspo_jax.train",
+            "--config=configs/qwen_moe.py",
+            f"--config.workdir={workdir}",
+            "--config.rollout.group_size=1",
+            "--config.optim.lr=-1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+    )
+    assert proc.returncode != 0
+    assert "--config.rollout.group_size" in proc.stderr and "--config.optim.lr" in proc.stderr
+    assert not workdir.exists()
 
 
 def test_reward_function_that_raises_stops_the_run_naming_it(tmp_path, monkeypatch):
-  module = tmp_path / "flaky_reward.py"
-  module.write_text(textwrap.dedent("""
+    module = tmp_path / "flaky_reward.py"
+    module.write_text(
+        textwrap.dedent("""
       CALLS = []
 
       def reward(prompts, completions, **fields):
@@ -115,50 +168,64 @@ def test_reward_function_that_raises_stops_the_run_naming_it(tmp_path, monkeypat
           if len(CALLS) >= 2:
               raise ZeroDivisionError("boom")
           return [0.0] * len(completions)
-  """))
-  monkeypatch.syspath_prepend(str(tmp_path))
-  cfg = micro_config(tmp_path / "flaky", **{"reward.fns": "flaky_reward:reward", "warmstart.steps": 0,
-                                            "eval.every": 0, "steps": 3})
-  with pytest.raises(RewardFunctionError) as err:
-    Trainer(cfg).run()
-  assert "flaky_reward:reward" in str(err.value) and "boom" in str(err.value)
-  steps = sorted(int(d) for d in os.listdir(tmp_path / "flaky" / "checkpoints") if d.isdigit())
-  assert steps and steps[-1] == 1  # step 1 finished and is on disk; nothing was deleted
+  """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = micro_config(
+        tmp_path / "flaky",
+        **{"reward.fns": "flaky_reward:reward", "warmstart.steps": 0, "eval.every": 0, "steps": 3},
+    )
+    with pytest.raises(RewardFunctionError) as err:
+        Trainer(cfg).run()
+    assert "flaky_reward:reward" in str(err.value) and "boom" in str(err.value)
+    steps = sorted(int(d) for d in os.listdir(tmp_path / "flaky" / "checkpoints") if d.isdigit())
+    assert steps and steps[-1] == 1  # step 1 finished and is on disk; nothing was deleted
 
 
 def test_data_file_errors_name_file_and_line(tmp_path):
-  data = tmp_path / "prompts.jsonl"
-  data.write_text('{"prompt": "12=", "answer": "12"}\n{"prompt": "", "answer": "1"}\n')
-  cfg = micro_config(tmp_path / "d", **{"data.path": str(data), "data.task": "", "warmstart.steps": 0,
-                                        "reward.fns": "math_answer"})
-  with pytest.raises(ValueError, match=r"prompts.jsonl.*line 2"):
-    Trainer(cfg)
-  assert not (tmp_path / "d" / "checkpoints").exists()
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "12=", "answer": "12"}\n{"prompt": "", "answer": "1"}\n')
+    cfg = micro_config(
+        tmp_path / "d",
+        **{"data.path": str(data), "data.task": "", "warmstart.steps": 0, "reward.fns": "math_answer"},
+    )
+    with pytest.raises(ValueError, match=r"prompts.jsonl.*line 2"):
+        Trainer(cfg)
+    assert not (tmp_path / "d" / "checkpoints").exists()
 
 
 def test_reference_kl_and_grpo_level_run(tmp_path):
-  cfg = micro_config(tmp_path / "kl", **{"algo.beta": 0.05, "algo.importance_sampling_level": "sequence_token",
-                                         "warmstart.steps": 0, "eval.every": 0, "steps": 1})
-  validate_config(cfg)
-  trainer = Trainer(cfg)
-  assert trainer.ref_params is not None
-  trainer.run()
-  line = read_lines(tmp_path / "kl" / "metrics.jsonl")[-1]
-  assert "kl_ref" in line and np.isfinite(line["kl_ref"]) and line["kl_ref"] >= 0
+    cfg = micro_config(
+        tmp_path / "kl",
+        **{
+            "algo.beta": 0.05,
+            "algo.importance_sampling_level": "sequence_token",
+            "warmstart.steps": 0,
+            "eval.every": 0,
+            "steps": 1,
+        },
+    )
+    validate_config(cfg)
+    trainer = Trainer(cfg)
+    assert trainer.ref_params is not None
+    trainer.run()
+    line = read_lines(tmp_path / "kl" / "metrics.jsonl")[-1]
+    assert "kl_ref" in line and np.isfinite(line["kl_ref"]) and line["kl_ref"] >= 0
 
 
 @pytest.mark.parametrize("preset", ["qwen3_30b_a3b", "qwen1_5_moe_a2_7b"])
 def test_real_presets_validate_with_their_checkpoint_config(tmp_path, preset):
-  from configs.qwen_moe import get_config
-  from gspo_jax.models.config import PRESETS
-  hf_dir = tmp_path / "hf"
-  hf_dir.mkdir()
-  (hf_dir / "config.json").write_text(json.dumps(PRESETS[preset].to_hf_dict()))
-  data = tmp_path / "math.jsonl"
-  data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
-  cfg = get_config(preset)
-  with pytest.raises(ConfigError, match="model.hf_path"):
-    validate_config(cfg, num_devices=8)
-  cfg.model.hf_path, cfg.data.path = str(hf_dir), str(data)
-  cfg.mesh.num_devices = 8
-  validate_config(cfg)
+    from configs.qwen_moe import get_config
+    from gspo_jax.models.config import PRESETS
+
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps(PRESETS[preset].to_hf_dict()))
+    data = tmp_path / "math.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    cfg = get_config(preset)
+    with pytest.raises(ConfigError, match="model.hf_path"):
+        validate_config(cfg, num_devices=8)
+    cfg.model.hf_path, cfg.data.path = str(hf_dir), str(data)
+    cfg.mesh.num_devices = 8
+    validate_config(cfg)

@@ -3,6 +3,7 @@
 Every parameter carries `logical_axes` metadata (e.g. ("embed", "mlp")); sharding.py maps those names to
 mesh axes. Parameters are stored in `param_dtype` and cast to the compute `dtype` where they are used.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,184 +17,187 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def param(rngs: nnx.Rngs | None, init, shape, dtype, logical_axes) -> nnx.Param:
-  """A parameter with its logical axis names; `init` is a jax.nn.initializers function."""
-  if len(logical_axes) != len(shape):
-    raise ValueError(f"logical_axes {logical_axes} do not match shape {shape}")
-  value = init(rngs.params(), shape, dtype)
-  return nnx.Param(value, logical_axes=tuple(logical_axes))
+    """A parameter with its logical axis names; `init` is a jax.nn.initializers function."""
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"logical_axes {logical_axes} do not match shape {shape}")
+    value = init(rngs.params(), shape, dtype)
+    return nnx.Param(value, logical_axes=tuple(logical_axes))
 
 
 class RMSNorm(nnx.Module):
-  """x * rsqrt(mean(x^2) + eps) in fp32, cast back to the input dtype, then times weight (HF order)."""
+    """x * rsqrt(mean(x^2) + eps) in fp32, cast back to the input dtype, then times weight (HF order)."""
 
-  def __init__(self, size: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
-    self.eps = eps
-    self.weight = param(rngs, jax.nn.initializers.ones, (size,), param_dtype, ("norm",))
+    def __init__(self, size: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.weight = param(rngs, jax.nn.initializers.ones, (size,), param_dtype, ("norm",))
 
-  def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.weight.value.astype(x.dtype) * normed.astype(x.dtype)
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight.value.astype(x.dtype) * normed.astype(x.dtype)
 
 
 def rope_cos_sin(positions_bt, head_dim: int, theta: float):
-  """cos, sin of shape [B, T, head_dim/2] in fp32 for integer positions [B, T]."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq
-  return jnp.cos(angles), jnp.sin(angles)
+    """cos, sin of shape [B, T, head_dim/2] in fp32 for integer positions [B, T]."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x_bthd, cos_bth, sin_bth):
-  """Rotate-half RoPE (HF convention: pairs are (i, i + d/2), not interleaved)."""
-  half = x_bthd.shape[-1] // 2
-  x1, x2 = x_bthd[..., :half], x_bthd[..., half:]
-  cos = cos_bth[:, :, None, :].astype(x_bthd.dtype)
-  sin = sin_bth[:, :, None, :].astype(x_bthd.dtype)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    """Rotate-half RoPE (HF convention: pairs are (i, i + d/2), not interleaved)."""
+    half = x_bthd.shape[-1] // 2
+    x1, x2 = x_bthd[..., :half], x_bthd[..., half:]
+    cos = cos_bth[:, :, None, :].astype(x_bthd.dtype)
+    sin = sin_bth[:, :, None, :].astype(x_bthd.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerKVCache:
-  """One layer's preallocated cache; slot s of row b holds the token at position pos[b, s].
+    """One layer's preallocated cache; slot s of row b holds the token at position pos[b, s].
 
-  k, v: [B, S, kv_heads, head_dim]; valid: [B, S] bool (slot written with a real token);
-  pos: [B, S] int32 token position of each slot (used for causal and sliding-window masks).
-  """
-  k: jax.Array
-  v: jax.Array
-  valid: jax.Array
-  pos: jax.Array
+    k, v: [B, S, kv_heads, head_dim]; valid: [B, S] bool (slot written with a real token);
+    pos: [B, S] int32 token position of each slot (used for causal and sliding-window masks).
+    """
 
-  @classmethod
-  def zeros(cls, batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> "LayerKVCache":
-    return cls(
-        k=jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
-        v=jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
-        valid=jnp.zeros((batch, slots), bool),
-        pos=jnp.zeros((batch, slots), jnp.int32))
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    pos: jax.Array
 
-  def write(self, start, k_bthd, v_bthd, valid_bt, pos_bt) -> "LayerKVCache":
-    """Writes T new slots at [start, start + T) for every row (start is a traced scalar)."""
-    at = (0, start, 0, 0)
-    return LayerKVCache(
-        k=jax.lax.dynamic_update_slice(self.k, k_bthd.astype(self.k.dtype), at),
-        v=jax.lax.dynamic_update_slice(self.v, v_bthd.astype(self.v.dtype), at),
-        valid=jax.lax.dynamic_update_slice(self.valid, valid_bt, (0, start)),
-        pos=jax.lax.dynamic_update_slice(self.pos, pos_bt.astype(jnp.int32), (0, start)))
+    @classmethod
+    def zeros(cls, batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> "LayerKVCache":
+        return cls(
+            k=jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
+            v=jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
+            valid=jnp.zeros((batch, slots), bool),
+            pos=jnp.zeros((batch, slots), jnp.int32),
+        )
+
+    def write(self, start, k_bthd, v_bthd, valid_bt, pos_bt) -> "LayerKVCache":
+        """Writes T new slots at [start, start + T) for every row (start is a traced scalar)."""
+        at = (0, start, 0, 0)
+        return LayerKVCache(
+            k=jax.lax.dynamic_update_slice(self.k, k_bthd.astype(self.k.dtype), at),
+            v=jax.lax.dynamic_update_slice(self.v, v_bthd.astype(self.v.dtype), at),
+            valid=jax.lax.dynamic_update_slice(self.valid, valid_bt, (0, start)),
+            pos=jax.lax.dynamic_update_slice(self.pos, pos_bt.astype(jnp.int32), (0, start)),
+        )
 
 
 def attention_mask(q_pos_bt, k_pos_bs, k_valid_bs, window: int | None):
-  """[B, T, S] bool: key s visible to query t iff valid, not in the future, and inside the window."""
-  q = q_pos_bt[:, :, None]
-  k = k_pos_bs[:, None, :]
-  mask = k_valid_bs[:, None, :] & (k <= q)
-  if window:
-    mask &= (q - k) < window
-  return mask
+    """[B, T, S] bool: key s visible to query t iff valid, not in the future, and inside the window."""
+    q = q_pos_bt[:, :, None]
+    k = k_pos_bs[:, None, :]
+    mask = k_valid_bs[:, None, :] & (k <= q)
+    if window:
+        mask &= (q - k) < window
+    return mask
 
 
 def grouped_attention(q_bthd, k_bshd, v_bshd, mask_bts):
-  """Softmax attention in fp32 with grouped query heads (q head h uses kv head h // group)."""
-  b, t, heads, d = q_bthd.shape
-  kv_heads = k_bshd.shape[2]
-  q = q_bthd.reshape(b, t, kv_heads, heads // kv_heads, d)
-  if t == 1 and jax.default_backend() == "cpu":
-    return _one_query_attention(q[:, 0], k_bshd, v_bshd, mask_bts[:, 0]).reshape(b, 1, heads, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bshd, preferred_element_type=jnp.float32)
-  scores = scores * (d ** -0.5)
-  scores = jnp.where(mask_bts[:, None, None], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_bshd.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bshd)
-  return out.reshape(b, t, heads, d)
+    """Softmax attention in fp32 with grouped query heads (q head h uses kv head h // group)."""
+    b, t, heads, d = q_bthd.shape
+    kv_heads = k_bshd.shape[2]
+    q = q_bthd.reshape(b, t, kv_heads, heads // kv_heads, d)
+    if t == 1 and jax.default_backend() == "cpu":
+        return _one_query_attention(q[:, 0], k_bshd, v_bshd, mask_bts[:, 0]).reshape(b, 1, heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bshd, preferred_element_type=jnp.float32)
+    scores = scores * (d**-0.5)
+    scores = jnp.where(mask_bts[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bshd.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bshd)
+    return out.reshape(b, t, heads, d)
 
 
 def _one_query_attention(q_bkgd, k_bshd, v_bshd, mask_bs):
-  """Decode step (one query per row) as multiply-and-reduce over the cache: [B, K, G, D].
+    """Decode step (one query per row) as multiply-and-reduce over the cache: [B, K, G, D].
 
-  On CPU the einsum form becomes B*K tiny matrix products and runs several times slower than
-  these two reductions, which stream the cache once each.
-  """
-  d = q_bkgd.shape[-1]
-  q = q_bkgd.astype(jnp.float32)[:, None]  # [B, 1, K, G, D]
-  scores = jnp.sum(q * k_bshd.astype(jnp.float32)[:, :, :, None, :], axis=-1) * (d ** -0.5)  # [B, S, K, G]
-  scores = jnp.where(mask_bs[:, :, None, None], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=1)
-  out = jnp.sum(probs[..., None] * v_bshd.astype(jnp.float32)[:, :, :, None, :], axis=1)
-  return out.astype(v_bshd.dtype)
+    On CPU the einsum form becomes B*K tiny matrix products and runs several times slower than
+    these two reductions, which stream the cache once each.
+    """
+    d = q_bkgd.shape[-1]
+    q = q_bkgd.astype(jnp.float32)[:, None]  # [B, 1, K, G, D]
+    scores = jnp.sum(q * k_bshd.astype(jnp.float32)[:, :, :, None, :], axis=-1) * (d**-0.5)  # [B, S, K, G]
+    scores = jnp.where(mask_bs[:, :, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=1)
+    out = jnp.sum(probs[..., None] * v_bshd.astype(jnp.float32)[:, :, :, None, :], axis=1)
+    return out.astype(v_bshd.dtype)
 
 
 class Attention(nnx.Module):
-  """GQA self-attention: optional q/k/v(/o) biases, optional per-head q/k RMSNorm before RoPE."""
+    """GQA self-attention: optional q/k/v(/o) biases, optional per-head q/k RMSNorm before RoPE."""
 
-  def __init__(self, cfg, layer: int, *, rngs: nnx.Rngs):
-    d, nq, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    pdt = jnp.dtype(cfg.param_dtype)
-    init = jax.nn.initializers.normal(cfg.initializer_range)
-    zeros = jax.nn.initializers.zeros
-    self.num_heads, self.head_dim = nq, hd
-    self.rope_theta = cfg.rope_theta
-    self.window = cfg.layer_window(layer)
-    self.dtype = jnp.dtype(cfg.dtype)
-    self.q_proj = param(rngs, init, (d, nq, hd), pdt, ("embed", "q_heads", "head_dim"))
-    self.k_proj = param(rngs, init, (d, nkv, hd), pdt, ("embed", "kv_heads", "head_dim"))
-    self.v_proj = param(rngs, init, (d, nkv, hd), pdt, ("embed", "kv_heads", "head_dim"))
-    self.o_proj = param(rngs, init, (nq, hd, d), pdt, ("q_heads", "head_dim", "embed"))
-    if cfg.has_qkv_bias:
-      self.q_bias = param(rngs, zeros, (nq, hd), pdt, ("q_heads", "head_dim"))
-      self.k_bias = param(rngs, zeros, (nkv, hd), pdt, ("kv_heads", "head_dim"))
-      self.v_bias = param(rngs, zeros, (nkv, hd), pdt, ("kv_heads", "head_dim"))
-    if cfg.attention_bias:
-      self.o_bias = param(rngs, zeros, (d,), pdt, ("embed",))
-    if cfg.qk_norm:
-      self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
-      self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
+    def __init__(self, cfg, layer: int, *, rngs: nnx.Rngs):
+        d, nq, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        pdt = jnp.dtype(cfg.param_dtype)
+        init = jax.nn.initializers.normal(cfg.initializer_range)
+        zeros = jax.nn.initializers.zeros
+        self.num_heads, self.head_dim = nq, hd
+        self.rope_theta = cfg.rope_theta
+        self.window = cfg.layer_window(layer)
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.q_proj = param(rngs, init, (d, nq, hd), pdt, ("embed", "q_heads", "head_dim"))
+        self.k_proj = param(rngs, init, (d, nkv, hd), pdt, ("embed", "kv_heads", "head_dim"))
+        self.v_proj = param(rngs, init, (d, nkv, hd), pdt, ("embed", "kv_heads", "head_dim"))
+        self.o_proj = param(rngs, init, (nq, hd, d), pdt, ("q_heads", "head_dim", "embed"))
+        if cfg.has_qkv_bias:
+            self.q_bias = param(rngs, zeros, (nq, hd), pdt, ("q_heads", "head_dim"))
+            self.k_bias = param(rngs, zeros, (nkv, hd), pdt, ("kv_heads", "head_dim"))
+            self.v_bias = param(rngs, zeros, (nkv, hd), pdt, ("kv_heads", "head_dim"))
+        if cfg.attention_bias:
+            self.o_bias = param(rngs, zeros, (d,), pdt, ("embed",))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
 
-  def _project(self, x_btd, name: str):
-    w = getattr(self, f"{name}_proj").value.astype(self.dtype)
-    y = jnp.einsum("btd,dhk->bthk", x_btd, w)
-    if hasattr(self, f"{name}_bias"):
-      y = y + getattr(self, f"{name}_bias").value.astype(self.dtype)
-    return y
+    def _project(self, x_btd, name: str):
+        w = getattr(self, f"{name}_proj").value.astype(self.dtype)
+        y = jnp.einsum("btd,dhk->bthk", x_btd, w)
+        if hasattr(self, f"{name}_bias"):
+            y = y + getattr(self, f"{name}_bias").value.astype(self.dtype)
+        return y
 
-  def __call__(self, x_btd, pos_bt, valid_bt, cache: LayerKVCache | None = None, cache_start=None):
-    """Returns (y [B, T, D], updated cache or None).
+    def __call__(self, x_btd, pos_bt, valid_bt, cache: LayerKVCache | None = None, cache_start=None):
+        """Returns (y [B, T, D], updated cache or None).
 
-    Without a cache the keys are this call's own tokens. With one, the T new keys are written at
-    slots [cache_start, cache_start + T) and the queries attend over the whole cache.
-    """
-    q = self._project(x_btd, "q")
-    k = self._project(x_btd, "k")
-    v = self._project(x_btd, "v")
-    if hasattr(self, "q_norm"):
-      q, k = self.q_norm(q), self.k_norm(k)
-    cos, sin = rope_cos_sin(pos_bt, self.head_dim, self.rope_theta)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if cache is None:
-      keys, values, k_pos, k_valid = k, v, pos_bt, valid_bt
-    else:
-      cache = cache.write(cache_start, k, v, valid_bt, pos_bt)
-      keys, values = cache.k.astype(self.dtype), cache.v.astype(self.dtype)
-      k_pos, k_valid = cache.pos, cache.valid
-    mask = attention_mask(pos_bt, k_pos, k_valid, self.window)
-    out = grouped_attention(q, keys, values, mask)
-    y = jnp.einsum("bthk,hkd->btd", out, self.o_proj.value.astype(self.dtype))
-    if hasattr(self, "o_bias"):
-      y = y + self.o_bias.value.astype(self.dtype)
-    return y, cache
+        Without a cache the keys are this call's own tokens. With one, the T new keys are written at
+        slots [cache_start, cache_start + T) and the queries attend over the whole cache.
+        """
+        q = self._project(x_btd, "q")
+        k = self._project(x_btd, "k")
+        v = self._project(x_btd, "v")
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope_cos_sin(pos_bt, self.head_dim, self.rope_theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            keys, values, k_pos, k_valid = k, v, pos_bt, valid_bt
+        else:
+            cache = cache.write(cache_start, k, v, valid_bt, pos_bt)
+            keys, values = cache.k.astype(self.dtype), cache.v.astype(self.dtype)
+            k_pos, k_valid = cache.pos, cache.valid
+        mask = attention_mask(pos_bt, k_pos, k_valid, self.window)
+        out = grouped_attention(q, keys, values, mask)
+        y = jnp.einsum("bthk,hkd->btd", out, self.o_proj.value.astype(self.dtype))
+        if hasattr(self, "o_bias"):
+            y = y + self.o_bias.value.astype(self.dtype)
+        return y, cache
 
 
 class SwiGLU(nnx.Module):
-  """down(silu(gate(x)) * up(x)): the dense MLP and Qwen2-MoE's shared expert."""
+    """down(silu(gate(x)) * up(x)): the dense MLP and Qwen2-MoE's shared expert."""
 
-  def __init__(self, hidden: int, intermediate: int, *, param_dtype, dtype, init_std, rngs):
-    init = jax.nn.initializers.normal(init_std)
-    self.dtype = jnp.dtype(dtype)
-    self.gate_proj = param(rngs, init, (hidden, intermediate), param_dtype, ("embed", "mlp"))
-    self.up_proj = param(rngs, init, (hidden, intermediate), param_dtype, ("embed", "mlp"))
-    self.down_proj = param(rngs, init, (intermediate, hidden), param_dtype, ("mlp", "embed"))
+    def __init__(self, hidden: int, intermediate: int, *, param_dtype, dtype, init_std, rngs):
+        init = jax.nn.initializers.normal(init_std)
+        self.dtype = jnp.dtype(dtype)
+        self.gate_proj = param(rngs, init, (hidden, intermediate), param_dtype, ("embed", "mlp"))
+        self.up_proj = param(rngs, init, (hidden, intermediate), param_dtype, ("embed", "mlp"))
+        self.down_proj = param(rngs, init, (intermediate, hidden), param_dtype, ("mlp", "embed"))
 
-  def __call__(self, x):
-    gate = x @ self.gate_proj.value.astype(self.dtype)
-    up = x @ self.up_proj.value.astype(self.dtype)
-    return (jax.nn.silu(gate) * up) @ self.down_proj.value.astype(self.dtype)
+    def __call__(self, x):
+        gate = x @ self.gate_proj.value.astype(self.dtype)
+        up = x @ self.up_proj.value.astype(self.dtype)
+        return (jax.nn.silu(gate) * up) @ self.down_proj.value.astype(self.dtype)
