@@ -25,6 +25,7 @@ from gspo_jax.models.config import PRESETS, ModelConfig
 from gspo_jax.models.hf import abstract_model, from_pretrained
 from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
 from gspo_jax.optim import make_optimizer
+from gspo_jax.preemption import PreemptionGuard
 from gspo_jax.rewards import RewardSet
 from gspo_jax.sampler import Sampler
 from gspo_jax.tokenizer import eos_token_ids, load_tokenizer
@@ -379,7 +380,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Trains to cfg.steps (resuming if a checkpoint exists); returns the last step's metrics."""
         try:
-            with ckpt.PreemptionGuard() as guard:
+            with PreemptionGuard() as guard:
                 last = self._loop(guard)
         finally:
             self.checkpointer.wait()  # pending async saves finish even when a step raised
