@@ -25,6 +25,7 @@ from gspo_jax.models.config import PRESETS, ModelConfig
 from gspo_jax.models.hf import abstract_model, from_pretrained
 from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
 from gspo_jax.optim import make_optimizer
+from gspo_jax.plots import plot_metrics
 from gspo_jax.preemption import PreemptionGuard
 from gspo_jax.rewards import RewardSet
 from gspo_jax.sampler import Sampler
@@ -387,7 +388,7 @@ class Trainer:
             self.checkpointer.close()
             self.writer.close()
         if jax.process_index() == 0:
-            metrics.plot_metrics(self.cfg.workdir)
+            plot_metrics(self.cfg.workdir)
         return last
 
     def _loop(self, guard) -> dict[str, Any]:
