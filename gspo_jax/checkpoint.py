@@ -30,19 +30,17 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import signal
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax import lax
 from jax.experimental import multihost_utils
+
+from gspo_jax.integrity import leaf_path, leaves_by_path, state_checksums
 
 logger = logging.getLogger(__name__)
 
@@ -87,23 +85,7 @@ def _all_processes(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
-# ----- tree paths, PRNG keys, checksums -----------------------------------------------------
-def _key_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def _path_str(keypath: tuple) -> str:
-    """Path of a pytree leaf, e.g. "opt/0/mu/w"; the same for a namedtuple and Orbax's dict."""
-    return "/".join(_key_name(e) for e in keypath)
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-    return {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
+# ----- PRNG keys ---------------------------------------------------------------------------
 def _is_key(leaf: Any) -> bool:
     dtype = getattr(leaf, "dtype", None)
     return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
@@ -115,62 +97,11 @@ def _untype_keys(state: Any) -> tuple[Any, dict[str, str]]:
 
     def convert(path, leaf):
         if _is_key(leaf):
-            impls[_path_str(path)] = str(jax.random.key_impl(leaf))
+            impls[leaf_path(path)] = str(jax.random.key_impl(leaf))
             return jax.random.key_data(leaf)
         return leaf
 
     return jax.tree_util.tree_map_with_path(convert, state), impls
-
-
-def _as_words(x: jax.Array) -> jax.Array:
-    """The bits of `x` as uint32 words (8-byte dtypes give a trailing axis of 2)."""
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
-        return jnp.stack([_as_words(x.real), _as_words(x.imag)])
-    size = x.dtype.itemsize
-    if size < 4:
-        return lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
-    return lax.bitcast_convert_type(x, jnp.uint32)
-
-
-def _mix(h: jax.Array) -> jax.Array:
-    """murmur3's 32-bit finaliser: spreads every input bit over the word."""
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _leaf_checksum(x: jax.Array) -> jax.Array:
-    """[2] uint32: order-sensitive sums mod 2^32 (exact in any reduction order, any sharding)."""
-    words = _as_words(jnp.asarray(x))
-    index = jnp.zeros(words.shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(words.ndim)):
-        index = index + lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
-        stride *= words.shape[axis]
-    weighted = jnp.sum(words * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
-    mixed = jnp.sum(_mix(words ^ _mix(index + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
-    return jnp.stack([weighted, mixed])
-
-
-_leaf_checksum_jit = jax.jit(_leaf_checksum)
-
-
-def state_checksums(state: Any) -> dict[str, list[int]]:
-    """{leaf path: [two uint32 checksums]} for every array leaf of `state` (no typed keys).
-
-    One jitted call per leaf (leaves may live on different devices).
-    """
-    flat = {k: v for k, v in _flat(state).items() if hasattr(v, "dtype")}
-    # One leaf at a time, each finished before the next starts: many small collective programs in
-    # flight at once can deadlock XLA:CPU's rendezvous when simulated devices outnumber its threads.
-    outs = [jax.block_until_ready(_leaf_checksum_jit(leaf)) for leaf in flat.values()]
-    # Each result is replicated: this process's shard holds all of it, also multi-host.
-    sums = jax.device_get([out.addressable_data(0) for out in outs])
-    return {k: [int(a), int(b)] for k, (a, b) in zip(flat, sums)}
 
 
 def _as_dict(config: Any) -> dict:
@@ -567,8 +498,8 @@ class Checkpointer:
         stored_tree = manager.item_metadata(step)["state"]
         if stored_tree is None:
             raise FileNotFoundError("no array metadata (state/_METADATA)")
-        stored = _flat(getattr(stored_tree, "tree", stored_tree))
-        flat_target = _flat(target)
+        stored = leaves_by_path(getattr(stored_tree, "tree", stored_tree))
+        flat_target = leaves_by_path(target)
         mismatched = _mismatches(stored, flat_target)
         if mismatched:
             raise CheckpointMismatchError(
@@ -601,86 +532,8 @@ class Checkpointer:
         impls = integrity["key_impls"]
 
         def wrap(path, leaf):
-            impl = impls.get(_path_str(path))
+            impl = impls.get(leaf_path(path))
             return leaf if impl is None else jax.random.wrap_key_data(leaf, impl=impl)
 
         state = jax.tree_util.tree_map_with_path(wrap, restored["state"])
         return state, restored["meta"]
-
-
-# ----- preemption ---------------------------------------------------------------------------
-class PreemptionGuard:
-    """Turns SIGTERM / SIGINT into a flag, so the trainer can save before it exits.
-
-        with PreemptionGuard() as guard:
-            for step in ...:
-                train_step()
-                if guard.should_stop(step):
-                    checkpointer.save(step, ..., force=True); checkpointer.wait(); break
-
-    SIGTERM or the first SIGINT set `requested`. A second SIGINT only repeats that the run stops
-    after the checkpoint (so an impatient Ctrl-C does not lose the save); a third raises
-    KeyboardInterrupt at once (an unfinished save is then ignored by resume). Previous handlers
-    come back on exit. Handlers can only be installed from the main thread.
-
-    Multi-host: `should_stop(step)` must be called by every process at the same steps; it
-    returns True on all of them when any process was signalled or JAX's preemption sync point
-    (`multihost_utils.reached_preemption_sync_point`) is reached. When JAX's distributed
-    preemption service is on (multi-process with jax_enable_preemption_service), SIGTERM is left
-    to that service instead of being caught here.
-    """
-
-    def __init__(self, *, use_jax_preemption_service: bool | None = None):
-        if use_jax_preemption_service is None:
-            use_jax_preemption_service = jax.process_count() > 1 and bool(
-                getattr(jax.config, "jax_enable_preemption_service", False)
-            )
-        self._use_service = use_jax_preemption_service
-        self.requested = False
-        self._sigints = 0
-        self._previous: dict[int, Any] = {}
-
-    def _signals(self) -> tuple[int, ...]:
-        return (signal.SIGINT,) if self._use_service else (signal.SIGTERM, signal.SIGINT)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        del frame
-        if signum == signal.SIGINT:
-            self._sigints += 1
-            if self._sigints >= 3:
-                raise KeyboardInterrupt
-            if self._sigints == 2:
-                logger.warning(
-                    "stop already requested: finishing the step and its checkpoint "
-                    "save, then exiting. Press Ctrl-C again to abort without saving."
-                )
-                return
-        self.requested = True
-        logger.warning(
-            "received %s: will save a checkpoint and stop after this step", signal.Signals(signum).name
-        )
-
-    def __enter__(self) -> "PreemptionGuard":
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError(
-                "PreemptionGuard must be entered from the main thread (Python only delivers signals there)"
-            )
-        for signum in self._signals():
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, previous in self._previous.items():
-            # None: the old handler was not installed from Python and cannot be put back.
-            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
-        self._previous.clear()
-
-    def should_stop(self, step: int) -> bool:
-        """Whether to save and stop after `step` (agreed across processes when multi-host)."""
-        if jax.process_count() == 1:
-            return self.requested
-        try:
-            reached = bool(multihost_utils.reached_preemption_sync_point(step))
-        except RuntimeError:  # preemption service not running
-            reached = False
-        return reached or not _all_processes(not self.requested)

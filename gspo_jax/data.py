@@ -14,8 +14,8 @@ Config keys read from `cfg_data` (see `default_data_config()` for the defaults):
   eval_size        number of eval records generated from the task's (disjoint) eval split.
   eval_seed        seed of the task's eval records (fixed, so every run evaluates the same set).
   path             JSONL / Parquet file(s): one path, a glob, a comma-separated string (or, in
-                   a dict config, a list). Takes precedence over `task`. Every record needs a non-empty string prompt;
-                   its other columns reach the reward functions as `fields`.
+                   a dict config, a list). Takes precedence over `task`. Every record needs a
+                   non-empty string prompt; its other columns reach the reward functions as `fields`.
   eval_path        eval file(s), same forms; empty: the task's eval split if no `path`, else none.
   prompt_field     name of the prompt column.
   max_prompt_len   prompts longer than this (in tokens, after the chat template and bos) are
@@ -33,24 +33,19 @@ Config keys read from `cfg_data` (see `default_data_config()` for the defaults):
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import logging
 import math
-import os
 from typing import Any, Mapping, Sequence
 
 import grain
 import ml_collections
 import numpy as np
-import pyarrow.parquet as pq
 
 from gspo_jax import tasks
+from gspo_jax.records import Records, file_records, task_records
 
 _LOG = logging.getLogger(__name__)
 OVERLONG_MODES = ("drop", "truncate", "error")
-_JSONL_SUFFIXES = (".jsonl", ".json")
-_PARQUET_SUFFIXES = (".parquet",)
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -180,101 +175,18 @@ def configured_task(cfg_data: Any) -> tasks.Task | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading and validating records.
-
-
-@dataclasses.dataclass
-class _Records:
-    """Parallel lists, one entry per record: prompt text, other columns, origin "file:line N"."""
-
-    prompts: list[str]
-    rows: list[dict[str, Any]]
-    origins: list[str]
-
-    def columns(self) -> list[str]:
-        return sorted({k for row in self.rows for k in row})
-
-
-def _expand_paths(path: str | Sequence[str]) -> list[str]:
-    patterns = [p.strip() for p in path.split(",")] if isinstance(path, str) else list(path)
-    files: list[str] = []
-    for pattern in filter(None, patterns):
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches or not all(os.path.isfile(m) for m in matches):
-            raise ValueError(f"data file {pattern!r} not found: check data.path / data.eval_path.")
-        files.extend(matches)
-    return files
-
-
-def _read_file(path: str) -> list[tuple[str, Any]]:
-    """(origin, raw record) pairs of one JSONL or Parquet file."""
-    if path.endswith(_PARQUET_SUFFIXES):
-        rows = pq.read_table(path).to_pylist()
-        return [(f"{path}:row {i}", row) for i, row in enumerate(rows, start=1)]
-    if not path.endswith(_JSONL_SUFFIXES):
-        raise ValueError(
-            f"data file {path!r} must end in one of {_JSONL_SUFFIXES + _PARQUET_SUFFIXES} "
-            "(JSON lines or Parquet)."
-        )
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                out.append((f"{path}:line {number}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:line {number}: not valid JSON ({e}).") from None
-    return out
-
-
-def _validated(raw: Sequence[tuple[str, Any]], prompt_field: str) -> _Records:
-    records = _Records([], [], [])
-    for origin, record in raw:
-        if not isinstance(record, dict):
-            raise ValueError(f"{origin}: a record must be a JSON object, got {type(record).__name__}.")
-        if prompt_field not in record:
-            raise ValueError(
-                f"{origin}: record has no {prompt_field!r} field (it has {sorted(record)}); add "
-                "one, or set data.prompt_field to the column holding the prompt."
-            )
-        prompt = record[prompt_field]
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{origin}: the prompt must be a non-empty string, got {prompt!r}.")
-        records.prompts.append(prompt)
-        records.rows.append({k: v for k, v in record.items() if k != prompt_field})
-        records.origins.append(origin)
-    return records
-
-
-def _file_records(path: str | Sequence[str], prompt_field: str) -> _Records:
-    raw = [item for file in _expand_paths(path) for item in _read_file(file)]
-    if not raw:
-        raise ValueError(f"data files {path!r} hold no records.")
-    return _validated(raw, prompt_field)
-
-
-def _task_records(task: tasks.Task, split: str, seed: int, n: int) -> _Records:
-    raw = [
-        (f"task {task.name} ({split}) record {i}", r)
-        for i, r in enumerate(task.records(split, seed, n), start=1)
-    ]
-    return _validated(raw, "prompt")
-
-
-# ---------------------------------------------------------------------------------------------
 # Tokenizing.
 
 
 @dataclasses.dataclass
 class _Tokenized:
-    records: _Records
+    records: Records
     ids: list[np.ndarray]  # per record: [L] int32, L <= max_prompt_len
     dropped: int
     truncated: int
 
 
-def _tokenize(records: _Records, tokenizer: Any, settings: _Settings) -> _Tokenized:
+def _tokenize(records: Records, tokenizer: Any, settings: _Settings) -> _Tokenized:
     texts = records.prompts
     if settings.chat_template:
         if getattr(tokenizer, "chat_template", None):
@@ -298,7 +210,7 @@ def _tokenize(records: _Records, tokenizer: Any, settings: _Settings) -> _Tokeni
                 "data.add_bos=False (or give the tokenizer a bos_token)."
             )
     encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    kept = _Records([], [], [])
+    kept = Records([], [], [])
     ids, dropped, truncated = [], 0, 0
     for i, tokens in enumerate(encoded):
         tokens = list(tokens)
@@ -401,7 +313,7 @@ def _host_indices(n: int, process_index: int, process_count: int, what: str) -> 
 
 def _subset(data: _Tokenized, indices: np.ndarray) -> _Tokenized:
     pick = [int(i) for i in indices]
-    records = _Records(
+    records = Records(
         [data.records.prompts[i] for i in pick],
         [data.records.rows[i] for i in pick],
         [data.records.origins[i] for i in pick],
@@ -509,10 +421,10 @@ def make_prompt_dataset(
     local = _local_batch_size(prompts_per_step, process_count, "prompts_per_step")
     task = None
     if settings.path:
-        records = _file_records(settings.path, settings.prompt_field)
+        records = file_records(settings.path, settings.prompt_field)
     else:
         task = tasks.get_task(settings.task, **settings.task_kwargs)
-        records = _task_records(task, "train", seed, settings.train_size)
+        records = task_records(task, "train", seed, settings.train_size)
     tokenized = _tokenize(records, tokenizer, settings)
     columns = tokenized.records.columns()
     mine = _subset(tokenized, _host_indices(len(tokenized.ids), process_index, process_count, "training"))
@@ -534,10 +446,10 @@ def eval_batches(
     settings = _read_settings(cfg_data)
     local = _local_batch_size(batch_size, process_count, "eval batch_size")
     if settings.eval_path:
-        records = _file_records(settings.eval_path, settings.prompt_field)
+        records = file_records(settings.eval_path, settings.prompt_field)
     elif not settings.path:
         task = tasks.get_task(settings.task, **settings.task_kwargs)
-        records = _task_records(task, "eval", settings.eval_seed, settings.eval_size)
+        records = task_records(task, "eval", settings.eval_seed, settings.eval_size)
     else:
         return []
     tokenized = _tokenize(records, tokenizer, settings)

@@ -1,4 +1,4 @@
-"""Run metrics: metrics.jsonl, samples.jsonl, TensorBoard, a console progress bar, end-of-run plots.
+"""Run metrics: metrics.jsonl, samples.jsonl, TensorBoard and a console progress bar.
 
 Only process 0 writes files and prints. Files under `workdir`:
 
@@ -10,7 +10,7 @@ Only process 0 writes files and prints. Files under `workdir`:
   samples.jsonl  one JSON object per sample: {"step": int, <sample fields>}.
   tb/<phase>/    TensorBoard event files, one run per phase ("rl" for lines without a phase),
                  so that rewinding the RL run after a resume does not purge other phases.
-  plots/*.png    written by `plot_metrics()` at the end of a run.
+  plots/*.png    written by `gspo_jax.plots.plot_metrics()` at the end of a run.
 
 Lines without a phase (or with phase "rl") are RL lines: they move the progress bar and feed the
 RL plots. Other phases (e.g. "warmstart") are logged and plotted, but never move the RL bar.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -45,14 +44,15 @@ DEFAULT_POSTFIX: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-_MINIBATCH_KEY = re.compile(r"^(?P<base>.+)/mb(?P<index>\d+)$")
 
 
-def _is_rl_phase(phase: str | None) -> bool:
+def is_rl_phase(phase: str | None) -> bool:
+    """Whether a line with this phase belongs to the RL run (no phase counts as RL)."""
     return phase is None or phase == RL_PHASE
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """Whether a metric value is a plain int or float (a bool is not): a scalar to log or plot."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -152,7 +152,7 @@ def expert_load_metrics(load_le: np.ndarray) -> dict[str, Any]:
 
 
 def _format_number(value: Any) -> str:
-    if not _is_number(value):
+    if not is_number(value):
         return str(value)
     if isinstance(value, int) or (math.isfinite(value) and abs(value) >= 1000):
         return f"{value:,.0f}"
@@ -308,14 +308,14 @@ class MetricsWriter:
         self._metrics_file.flush()
         if self._enable_tensorboard:
             self._write_tensorboard(int(step), values, phase)
-        if self._console and _is_rl_phase(phase):
+        if self._console and is_rl_phase(phase):
             self._update_console(int(step), values)
 
     def _write_tensorboard(self, step: int, values: Mapping[str, Any], phase: str | None) -> None:
         writer = self._tb_writer(RL_PHASE if phase is None else phase)
         for key, value in values.items():
             value = _from_json_value(value)
-            if _is_number(value):
+            if is_number(value):
                 writer.add_scalar(key, float(value), step)
         writer.flush()
 
@@ -381,113 +381,3 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-# ----- plots -------------------------------------------------------------------------------
-REWARD_KEYS = ("reward/mean", "reward/std")
-EVAL_ACCURACY_KEY = "eval/accuracy"
-CLIP_FRACTION_KEYS = ("clip_frac/seq", "clip_frac/token")
-COMPLETION_LENGTH_KEY = "completion_len/mean"
-
-
-def _series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of the records holding a numeric `key`, in file order."""
-    points = [(r["step"], float(r[key])) for r in records if _is_number(r.get(key))]
-    if not points:
-        return np.zeros(0), np.zeros(0)
-    steps, values = zip(*points)
-    return np.asarray(steps), np.asarray(values)
-
-
-def _new_axes(title: str, ylabel: str):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.set_title(title)
-    axes.set_xlabel("step")
-    axes.set_ylabel(ylabel)
-    axes.grid(alpha=0.3)
-    return figure, axes
-
-
-def _save(figure, axes, path: Path, written: list[Path]) -> None:
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    written.append(path)
-
-
-def plot_metrics(workdir: str | os.PathLike) -> list[Path]:
-    """Writes workdir/plots/*.png from metrics.jsonl; returns the files written.
-
-    Plots: reward mean (with a +-std band when "reward/std" is logged), eval accuracy (RL eval
-    as a line, other phases such as a warm start as labelled markers), clip fractions (sequence
-    and token), completion length, and one plot per per-minibatch series ("<name>/mb<i>" keys).
-    A plot whose keys were never logged is skipped.
-    """
-    workdir = Path(workdir)
-    records = read_metrics(workdir)
-    rl = [r for r in records if _is_rl_phase(r.get("phase"))]
-    out = workdir / "plots"
-    written: list[Path] = []
-    if not records:
-        return written
-    out.mkdir(parents=True, exist_ok=True)
-
-    with_reward = [r for r in rl if _is_number(r.get(REWARD_KEYS[0]))]
-    if with_reward:
-        figure, axes = _new_axes("Reward", "reward")
-        steps, mean = _series(with_reward, REWARD_KEYS[0])
-        axes.plot(steps, mean, label="mean")
-        if all(_is_number(r.get(REWARD_KEYS[1])) for r in with_reward):
-            _, std = _series(with_reward, REWARD_KEYS[1])
-            axes.fill_between(steps, mean - std, mean + std, alpha=0.25, label="+- std")
-        _save(figure, axes, out / "reward.png", written)
-
-    phases = sorted({r["phase"] for r in records if not _is_rl_phase(r.get("phase"))})
-    eval_by_phase = {
-        p: _series([r for r in records if r.get("phase") == p], EVAL_ACCURACY_KEY) for p in phases
-    }
-    rl_eval = _series(rl, EVAL_ACCURACY_KEY)
-    if rl_eval[0].size or any(s.size for s, _ in eval_by_phase.values()):
-        figure, axes = _new_axes("Eval accuracy", "accuracy")
-        if rl_eval[0].size:
-            axes.plot(*rl_eval, marker="o", label="RL")
-        markers = "s^vD*"
-        for i, (phase, (s, v)) in enumerate(eval_by_phase.items()):
-            if s.size:
-                axes.plot(
-                    s, v, linestyle="--", marker=markers[i % len(markers)], label=f"{phase} (own step count)"
-                )
-        _save(figure, axes, out / "eval_accuracy.png", written)
-
-    clip = [(key, _series(rl, key)) for key in CLIP_FRACTION_KEYS]
-    if any(s.size for _, (s, _v) in clip):
-        figure, axes = _new_axes("Clipped fraction", "fraction clipped")
-        for key, (s, v) in clip:
-            if s.size:
-                axes.plot(s, v, label=key)
-        _save(figure, axes, out / "clip_fraction.png", written)
-
-    steps, length = _series(rl, COMPLETION_LENGTH_KEY)
-    if steps.size:
-        figure, axes = _new_axes("Completion length", "tokens")
-        axes.plot(steps, length, label="mean")
-        _save(figure, axes, out / "completion_length.png", written)
-
-    minibatch_series: dict[str, dict[int, str]] = {}
-    for key in dict.fromkeys(k for r in rl for k in r):
-        match = _MINIBATCH_KEY.match(key)
-        if match:
-            minibatch_series.setdefault(match["base"], {})[int(match["index"])] = key
-    for base, keys in sorted(minibatch_series.items()):
-        figure, axes = _new_axes(f"{base} per minibatch", base)
-        for index in sorted(keys):
-            axes.plot(*_series(rl, keys[index]), label=f"minibatch {index}")
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("_")
-        _save(figure, axes, out / f"minibatch_{name}.png", written)
-    return written

@@ -25,6 +25,8 @@ from gspo_jax.models.config import PRESETS, ModelConfig
 from gspo_jax.models.hf import abstract_model, from_pretrained
 from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
 from gspo_jax.optim import make_optimizer
+from gspo_jax.plots import plot_metrics
+from gspo_jax.preemption import PreemptionGuard
 from gspo_jax.rewards import RewardSet
 from gspo_jax.sampler import Sampler
 from gspo_jax.tokenizer import eos_token_ids, load_tokenizer
@@ -379,14 +381,14 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Trains to cfg.steps (resuming if a checkpoint exists); returns the last step's metrics."""
         try:
-            with ckpt.PreemptionGuard() as guard:
+            with PreemptionGuard() as guard:
                 last = self._loop(guard)
         finally:
             self.checkpointer.wait()  # pending async saves finish even when a step raised
             self.checkpointer.close()
             self.writer.close()
         if jax.process_index() == 0:
-            metrics.plot_metrics(self.cfg.workdir)
+            plot_metrics(self.cfg.workdir)
         return last
 
     def _loop(self, guard) -> dict[str, Any]:
