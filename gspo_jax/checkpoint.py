@@ -41,6 +41,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from gspo_jax.integrity import leaf_path, leaves_by_path, state_checksums
+from gspo_jax.sharding import all_processes_agree
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +77,6 @@ def _is_primary() -> bool:
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
-
-
-def _all_processes(ok: bool) -> bool:
-    """True iff `ok` holds on every process (so all processes take the same branch)."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 # ----- PRNG keys ---------------------------------------------------------------------------
@@ -453,7 +447,7 @@ class Checkpointer:
                 raise
             except Exception as error:  # any read failure means: this step is unusable
                 reason = f"{type(error).__name__}: {str(error)[:300]}"
-            if not _all_processes(reason is None):
+            if not all_processes_agree(reason is None):
                 reason = reason or "another process could not read it"
                 errors.append(f"  step {candidate} ({step_dir}): {reason}")
                 name_format.corrupt.add(candidate)

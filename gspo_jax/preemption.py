@@ -8,17 +8,11 @@ import threading
 from typing import Any
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
 
+from gspo_jax.sharding import all_processes_agree
+
 logger = logging.getLogger(__name__)
-
-
-def _all_processes(ok: bool) -> bool:
-    """True iff `ok` holds on every process (so all processes take the same branch)."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 class PreemptionGuard:
@@ -95,4 +89,4 @@ class PreemptionGuard:
             reached = bool(multihost_utils.reached_preemption_sync_point(step))
         except RuntimeError:  # preemption service not running
             reached = False
-        return reached or not _all_processes(not self.requested)
+        return reached or not all_processes_agree(not self.requested)

@@ -162,3 +162,12 @@ def sum_over_hosts(x) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x)).sum(axis=0)
+
+
+def all_processes_agree(ok: bool) -> bool:
+    """True iff `ok` holds on every process, so all processes take the same branch."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
