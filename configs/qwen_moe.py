@@ -13,6 +13,12 @@ from ml_collections import config_dict
 
 from gspo_jax.data import default_data_config
 
+# Architectures (gspo_jax.models.config.PRESETS; a real run reads them from model.hf_path/config.json):
+#   tiny               Qwen3-MoE, 2 layers, hidden 128, 4/2 heads x 32, 8 experts top-2 (width 128), vocab 64
+#   qwen3_30b_a3b      Qwen3-MoE, 48 layers, hidden 2048, 32/4 heads x 128, 128 experts top-8 (768), vocab 151936
+#   qwen3_235b_a22b    Qwen3-MoE, 94 layers, hidden 4096, 64/4 heads x 128, 128 experts top-8 (1536), vocab 151936
+#   qwen1_5_moe_a2_7b  Qwen2-MoE, 24 layers, hidden 2048, 16/16 heads x 128, 60 experts top-4 (1408)
+#                      + a gated shared expert (5632), qkv bias, vocab 151936
 PRESETS = ("tiny", "qwen3_30b_a3b", "qwen3_235b_a22b", "qwen1_5_moe_a2_7b")
 
 
