@@ -200,12 +200,14 @@ def run_decode() -> list[dict]:
         hf = build_bench_model(path)
         models = {d: nnx.split(gspo_jax.from_pretrained(path, moe_dispatch=d)) for d in f.moe_dispatch}
     bandwidth = streaming_bandwidth_gbs()
-    rows = []
-    for batch in map(int, f.batch_sizes):
-        prompt_ids = np.random.default_rng(batch).integers(
+    prompts = {
+        batch: np.random.default_rng(batch).integers(
             0, BENCH_MODEL["vocab_size"], (batch, f.prompt_len), dtype=np.int32
         )
-        batch_rows = []
+        for batch in map(int, f.batch_sizes)
+    }
+    rows: dict[int, list[dict]] = {batch: [] for batch in prompts}
+    for batch, prompt_ids in prompts.items():
         for dispatch, (graphdef, params) in models.items():
             for dtype in f.param_dtypes:
                 cast = jax.tree.map(lambda x: x.astype(dtype), params)
@@ -213,7 +215,8 @@ def run_decode() -> list[dict]:
                     timing = time_sampler(graphdef, cast, prompt_ids, n, f.rounds, cache_dtype)
                     completions = timing.pop("completion_ids")
                     touched = touched_experts_per_step(graphdef, cast, jnp.asarray(prompt_ids), completions)
-                    batch_rows.append(
+                    weights = weight_bytes_per_step(cast, touched, batch)
+                    rows[batch].append(
                         decode_row(
                             f"gspo_jax[{dispatch}]",
                             dtype,
@@ -222,33 +225,26 @@ def run_decode() -> list[dict]:
                             n,
                             timing,
                             touched,
-                            weight_bytes_per_step(cast, touched, batch),
+                            weights,
                             bandwidth,
                         )
                     )
-        if f.transformers:
-            # transformers reads fp32 weights of the same experts (same greedy tokens, same routing).
-            touched = batch_rows[0]["touched_experts_per_step"]
-            fp32_params = next(iter(models.values()))[1]
+    # transformers runs last: torch's OpenMP threads keep spinning for a while after generate()
+    # returns, and a JAX run right after it measured up to 2x slower.
+    if f.transformers:
+        fp32_params = next(iter(models.values()))[1]
+        for batch, prompt_ids in prompts.items():
+            # Same weights, same greedy tokens, so the same experts are read.
+            touched = rows[batch][0]["touched_experts_per_step"]
             timing = time_transformers(hf, prompt_ids, n, f.rounds)
-            batch_rows.insert(
-                0,
-                decode_row(
-                    "transformers",
-                    "float32",
-                    "float32",
-                    batch,
-                    n,
-                    timing,
-                    touched,
-                    weight_bytes_per_step(fp32_params, touched, batch),
-                    bandwidth,
-                ),
+            weights = weight_bytes_per_step(fp32_params, touched, batch)
+            reference = decode_row(
+                "transformers", "float32", "float32", batch, n, timing, touched, weights, bandwidth
             )
-            for row in batch_rows:
-                row["x_vs_transformers"] = batch_rows[0]["total_s"] / row["total_s"]
-        rows += batch_rows
-    return rows
+            rows[batch].insert(0, reference)
+            for row in rows[batch]:
+                row["x_vs_transformers"] = reference["total_s"] / row["total_s"]
+    return [row for batch_rows in rows.values() for row in batch_rows]
 
 
 BENCHMARKS: dict[str, Callable[[], list[dict]]] = {"decode": run_decode}
