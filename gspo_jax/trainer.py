@@ -53,6 +53,7 @@ def model_config(cfg) -> ModelConfig:
         param_dtype=cfg.model.param_dtype,
         moe_dispatch=cfg.model.moe_dispatch,
         capacity_factor=cfg.model.capacity_factor,
+        remat=cfg.model.remat,
     )
     if cfg.model.hf_path:
         return ModelConfig.from_hf_path(cfg.model.hf_path, **runtime)
@@ -73,6 +74,7 @@ def build_policy(cfg, mesh) -> Policy:
             shardings=flat,
             moe_dispatch=cfg.model.moe_dispatch,
             capacity_factor=cfg.model.capacity_factor,
+            remat=cfg.model.remat,
         )
         _, params = nnx.split(model)
     else:

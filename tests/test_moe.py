@@ -180,3 +180,25 @@ def test_invalid_config_names_the_fix():
         TINY.replace(num_experts_per_tok=9)
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         TINY.replace(num_key_value_heads=3)
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 50, (2, 7)))
+
+    def loss_and_grad(remat):
+        graphdef, params = nnx.split(QwenMoeForCausalLM(TINY.replace(remat=remat), rngs=nnx.Rngs(0)))
+
+        def loss(params):
+            return jnp.sum(jax.nn.log_softmax(nnx.merge(graphdef, params)(ids))[..., 3])
+
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+        assert ("checkpoint" in jaxpr or "remat" in jaxpr) == remat  # layers really are rematerialised
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (value, grad), (value_remat, grad_remat) = loss_and_grad(False), loss_and_grad(True)
+    np.testing.assert_allclose(float(value_remat), float(value), rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+        grad_remat,
+        grad,
+    )

@@ -54,6 +54,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     moe_dispatch: str = "auto"
     capacity_factor: float = 0.0  # <= 0: dropless (capacity covers the worst case)
+    remat: bool = False  # recompute each decoder layer in the backward pass (activation memory / layers)
 
     def __post_init__(self):
         errors = []

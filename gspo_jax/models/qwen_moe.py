@@ -101,9 +101,11 @@ class QwenMoeForCausalLM(nnx.Module):
             positions_bt = default_positions(valid_bt)
         h = self.embed_tokens.value[input_ids_bt].astype(self.dtype)
         new_cache, stats = [], []
+        # With remat, a layer's activations are recomputed in the backward pass instead of stored.
+        run_layer = nnx.remat(DecoderLayer.__call__) if self.config.remat else DecoderLayer.__call__
         for i, layer in enumerate(self.layers):
-            h, layer_cache, layer_stats = layer(
-                h, positions_bt, valid_bt, None if cache is None else cache[i], cache_start
+            h, layer_cache, layer_stats = run_layer(
+                layer, h, positions_bt, valid_bt, None if cache is None else cache[i], cache_start
             )
             new_cache.append(layer_cache)
             if layer_stats is not None:
