@@ -53,7 +53,7 @@ def model_config(cfg) -> ModelConfig:
         param_dtype=cfg.model.param_dtype,
         moe_dispatch=cfg.model.moe_dispatch,
         capacity_factor=cfg.model.capacity_factor,
-        remat=cfg.model.remat,
+        remat=cfg.model.get("remat", False),  # configs saved before remat existed lack it
     )
     if cfg.model.hf_path:
         return ModelConfig.from_hf_path(cfg.model.hf_path, **runtime)
@@ -74,7 +74,7 @@ def build_policy(cfg, mesh) -> Policy:
             shardings=flat,
             moe_dispatch=cfg.model.moe_dispatch,
             capacity_factor=cfg.model.capacity_factor,
-            remat=cfg.model.remat,
+            remat=cfg.model.get("remat", False),
         )
         _, params = nnx.split(model)
     else:
@@ -237,7 +237,13 @@ class Trainer:
             return self._host(out.completion_ids), self._host(out.completion_mask)
 
         return evaluate(
-            generate, self.eval_set, self.tokenizer, self.rewards, self.stop_ids, is_correct=is_correct
+            generate,
+            self.eval_set,
+            self.tokenizer,
+            self.rewards,
+            self.stop_ids,
+            is_correct=is_correct,
+            correct_threshold=self.cfg.eval.get("correct_threshold", 1.0),
         )
 
     def warm_start(self, state: TrainState) -> TrainState:
