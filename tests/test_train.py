@@ -229,3 +229,36 @@ def test_real_presets_validate_with_their_checkpoint_config(tmp_path, preset):
     cfg.model.hf_path, cfg.data.path = str(hf_dir), str(data)
     cfg.mesh.num_devices = 8
     validate_config(cfg)
+
+
+def test_jsonl_data_with_math_reward_and_eval_file(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [(int(a), int(b)) for a, b in rng.integers(0, 50, (40, 2))]
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text(
+        "".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n" for a, b in rows)
+    )
+    held_out.write_text(
+        "".join(json.dumps({"prompt": f"{b}+{a}=", "answer": str(a + b)}) + "\n" for a, b in rows[:8])
+    )
+    cfg = micro_config(
+        tmp_path / "files",
+        **{
+            "data.path": str(train),
+            "data.eval_path": str(held_out),
+            "data.task": "",
+            "warmstart.steps": 0,
+            "reward.fns": "math_answer,format",
+            "reward.weights": "1.0,0.1",
+            "steps": 2,
+        },
+    )
+    validate_config(cfg)
+    Trainer(cfg).run()
+    lines = read_lines(tmp_path / "files" / "metrics.jsonl")
+    assert [l["step"] for l in lines if "reward/mean" in l] == [1, 2]
+    assert all(
+        "reward/math_answer/mean" in l and "reward/format/mean" in l for l in lines if "reward/mean" in l
+    )
+    evals = [l for l in lines if "eval/accuracy" in l]
+    assert [l["step"] for l in evals] == [0, 2] and all(l["eval/num_prompts"] == 8 for l in evals)
