@@ -101,12 +101,19 @@ class QwenMoeForCausalLM(nnx.Module):
             positions_bt = default_positions(valid_bt)
         h = self.embed_tokens.value[input_ids_bt].astype(self.dtype)
         new_cache, stats = [], []
-        # With remat, a layer's activations are recomputed in the backward pass instead of stored.
-        run_layer = nnx.remat(DecoderLayer.__call__) if self.config.remat else DecoderLayer.__call__
+        # With remat, a layer's activations are recomputed in the backward pass instead of stored
+        # (cache-free calls only: decoding is never differentiated).
+        remat = self.config.remat and cache is None
         for i, layer in enumerate(self.layers):
-            h, layer_cache, layer_stats = run_layer(
-                layer, h, positions_bt, valid_bt, None if cache is None else cache[i], cache_start
-            )
+            layer_args = (h, positions_bt, valid_bt, None if cache is None else cache[i], cache_start)
+            if remat:
+                graphdef, state = nnx.split(layer)
+                run = jax.checkpoint(
+                    lambda state, *args, graphdef=graphdef: nnx.merge(graphdef, state)(*args)
+                )
+                h, layer_cache, layer_stats = run(state, *layer_args)
+            else:
+                h, layer_cache, layer_stats = layer(*layer_args)
             new_cache.append(layer_cache)
             if layer_stats is not None:
                 stats.append(layer_stats)
