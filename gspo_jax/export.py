@@ -38,8 +38,8 @@ def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None, dt
     """Restores the policy parameters of `workdir`'s checkpoint and writes an HF directory."""
     from gspo_jax import checkpoint, sharding
     from gspo_jax.models.hf import save_pretrained
+    from gspo_jax.policy import abstract_train_state, model_config
     from gspo_jax.tokenizer import load_tokenizer
-    from gspo_jax.trainer import abstract_train_state, model_config
 
     cfg = run_config(workdir, step)
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert, cfg.mesh.tensor = -1, 1, 1, 1

@@ -191,7 +191,7 @@ def _placement_errors(cfg) -> list[str]:
     abstract model, so nothing is allocated."""
     from gspo_jax import sharding
     from gspo_jax.models.hf import abstract_model
-    from gspo_jax.trainer import model_config
+    from gspo_jax.policy import model_config
 
     try:
         _, abstract = abstract_model(model_config(cfg))

@@ -15,7 +15,8 @@ import micro_config as micro
 from gspo_jax import sharding
 from gspo_jax.checkpoint import Checkpointer
 from gspo_jax.sampler import Sampler
-from gspo_jax.trainer import Trainer, abstract_train_state
+from gspo_jax.policy import abstract_train_state
+from gspo_jax.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

@@ -15,7 +15,8 @@ import pytest
 
 import micro_config as micro
 from gspo_jax import checkpoint, sharding, update
-from gspo_jax.trainer import Trainer, TrainingStopped, abstract_train_state
+from gspo_jax.policy import abstract_train_state
+from gspo_jax.trainer import Trainer, TrainingStopped
 from test_checkpoint import _corrupt, _tree_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
