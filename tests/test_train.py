@@ -1,11 +1,13 @@
 """End-to-end trainer runs on a micro config, config validation, reward and data error paths."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 
@@ -43,10 +45,16 @@ def read_lines(path):
         return [json.loads(line) for line in f]
 
 
-def test_micro_run_writes_every_output(tmp_path):
+def test_micro_run_writes_every_output(tmp_path, caplog):
     cfg = micro_config(tmp_path / "run")
     validate_config(cfg)
-    Trainer(cfg).run()
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        Trainer(cfg).run()
+    # Both RL steps have the same shapes, so each phase compiles once (a bug once recompiled the update
+    # at step 2 because freshly created optimizer counters were not yet placed on the mesh).
+    compiled = [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
+    for phase in ("jit(train)", "jit(score)", "jit(step)"):
+        assert sum(phase in m for m in compiled) == 1, (phase, compiled)
     lines = read_lines(tmp_path / "run" / "metrics.jsonl")
     rl_steps = [l for l in lines if l.get("phase") in (None, "rl") and "reward/mean" in l]
     assert [l["step"] for l in rl_steps] == [1, 2]
