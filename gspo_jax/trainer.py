@@ -18,7 +18,7 @@ import numpy as np
 
 from gspo_jax import checkpoint as ckpt
 from gspo_jax import losses, metrics, rollout, sharding
-from gspo_jax.data import eval_batches, make_prompt_dataset
+from gspo_jax.data import eval_batches, make_prompt_dataset, prompt_encoder
 from gspo_jax.evaluation import evaluate
 from gspo_jax.optim import make_optimizer
 from gspo_jax.plots import plot_metrics
@@ -179,7 +179,8 @@ class Trainer:
                 "examples; set --config.warmstart.steps=0 for file data"
             )
         pairs = task.supervised_examples(cfg.seed, max(cfg.warmstart.batch_size * cfg.warmstart.steps, 1))
-        sft = build_supervised_set(pairs, self.tokenizer, self.stop_ids[0], self.pad_id)
+        encode = prompt_encoder(cfg.data, self.tokenizer)
+        sft = build_supervised_set(pairs, encode, self.tokenizer, self.stop_ids[0], self.pad_id)
         self.writer.log(f"warm start: {cfg.warmstart.steps} supervised steps on {len(pairs)} examples")
 
         def on_eval(step, params):
