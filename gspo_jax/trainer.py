@@ -65,7 +65,7 @@ class Trainer:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        self.rewards = RewardSet.from_config(cfg.reward.fns, cfg.reward.weights or None)
+        self.rewards = RewardSet.from_reward_config(cfg.reward)
         self.rewards.check_columns(self.data.columns)
         self.eval_set = eval_batches(
             cfg.data,
