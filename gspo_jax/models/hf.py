@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -276,18 +276,19 @@ def load_params(
 
 def from_pretrained(
     path: str,
-    dtype: str = "float32",
+    dtype: Any = "float32",
     *,
-    param_dtype: str | None = None,
+    param_dtype: Any = None,
     shardings: dict[Path, object] | None = None,
     **runtime,
 ) -> QwenMoeForCausalLM:
     """Loads a local HF Qwen3-MoE / Qwen2-MoE directory into a model.
 
-    dtype: compute dtype; param_dtype defaults to dtype. Extra keyword arguments set other runtime
+    dtype: compute dtype, any dtype-like ("bfloat16", jnp.bfloat16, np.float32); param_dtype defaults
+    to dtype. Extra keyword arguments set other runtime
     ModelConfig fields (moe_dispatch, capacity_factor).
     """
-    cfg = ModelConfig.from_hf_path(path, dtype=dtype, param_dtype=param_dtype or dtype, **runtime)
+    cfg = ModelConfig.from_hf_path(path, dtype=dtype, param_dtype=dtype if param_dtype is None else param_dtype, **runtime)
     graphdef, state = abstract_model(cfg)
     params = load_params(path, cfg, shardings)
     flat = dict(nnx.to_flat_state(state))

@@ -1,0 +1,48 @@
+"""The library surface a user touches first: from_pretrained / save_pretrained, the README snippet,
+CLI modules imported together."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import gspo_jax
+from hf_models import build_hf_model
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    model = build_hf_model("qwen3")
+    path = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(path)
+    return str(path), model
+
+
+@pytest.mark.parametrize(
+    "dtype,expected",
+    [
+        (jnp.float32, np.float32),
+        (jnp.bfloat16, jnp.bfloat16),
+        (np.float32, np.float32),
+        ("bfloat16", jnp.bfloat16),
+        (np.dtype("float32"), np.float32),
+        (jnp.dtype("bfloat16"), jnp.bfloat16),
+    ],
+)
+def test_from_pretrained_accepts_any_dtype_like(hf_dir, dtype, expected):
+    path, hf = hf_dir
+    model = gspo_jax.from_pretrained(path, dtype=dtype)
+    assert model.config.dtype == np.dtype(expected).name
+    embed = np.asarray(model.embed_tokens.value)
+    assert embed.dtype == np.dtype(expected)
+    reference = hf.model.embed_tokens.weight.detach().to(torch.float32).numpy().astype(expected)
+    np.testing.assert_array_equal(embed, reference)
+    assert {np.dtype(x.dtype) for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {np.dtype(expected)}
+
+
+@pytest.mark.parametrize("dtype", ["fp33", jnp.int32, None, 3])
+def test_from_pretrained_rejects_nonsense_dtypes(hf_dir, dtype):
+    with pytest.raises(ValueError, match=r"dtype=.*use one of \('float32', 'bfloat16', 'float16'\)"):
+        gspo_jax.from_pretrained(hf_dir[0], dtype=dtype)
