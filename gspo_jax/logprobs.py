@@ -16,16 +16,20 @@ import jax
 import jax.numpy as jnp
 
 
+def lm_head_logits(hidden_xd, lm_head_dv, precision=jax.lax.Precision.HIGHEST):
+    """[..., V] float32 logits: hidden @ lm_head with fp32 accumulation and output, whatever the input
+    dtype. The sampler and the trainer both use this, so with bf16 compute their log-probs differ only
+    by the hidden states (a bf16 [.., V] result would round each logit by up to ~1e-2)."""
+    return jnp.einsum(
+        "...d,dv->...v", hidden_xd, lm_head_dv, precision=precision, preferred_element_type=jnp.float32
+    )
+
+
 # prevent_cse=False is safe (and cheaper) because the call sits inside a scan (lax.map).
 @functools.partial(jax.checkpoint, static_argnums=(4, 5), prevent_cse=False)
 def _chunk_logprobs(hidden_bkd, lm_head_dv, targets_bk, temperature, with_entropy, precision):
     """log softmax(hidden @ W / temperature)[target] for one chunk, fp32, [B, K] (and entropy)."""
-    logits_bkv = (
-        jnp.einsum(
-            "bkd,dv->bkv", hidden_bkd, lm_head_dv, precision=precision, preferred_element_type=jnp.float32
-        )
-        / temperature
-    )
+    logits_bkv = lm_head_logits(hidden_bkd, lm_head_dv, precision) / temperature
     log_norm_bk = jax.nn.logsumexp(logits_bkv, axis=-1)
     # mode="clip": an out-of-range id (padding such as -100) reads a finite wrong value, which the
     # caller's completion mask drops; the default "fill" mode would put NaN there.

@@ -132,6 +132,7 @@ class Trainer:
             lambda: jax.random.key(cfg.seed), out_shardings=sharding.replicated(self.mesh)
         )()
         self.nonfinite_in_a_row = 0
+        self.warned_sampler_gap = False
 
     # ---- placement helpers ----
 
@@ -278,6 +279,10 @@ class Trainer:
         )
         row.update(self.data.metrics())
         self._count_nonfinite(update_metrics, step)
+        warning = sampler_gap_warning(row["logprob_gap/seq_abs"], cfg.algo)
+        if warning and not self.warned_sampler_gap:  # once per run
+            self.warned_sampler_gap = True
+            self.writer.log(warning)
         if cfg.log.samples_every and step % cfg.log.samples_every == 0:
             self.writer.write_samples(step, scored.samples(cfg.log.num_samples))
         return state, row
@@ -365,6 +370,19 @@ class Trainer:
         return last
 
 
+def sampler_gap_warning(seq_gap: float, algo) -> str | None:
+    """A warning when algo.old_logprobs=sampler and the sampler-vs-trainer sequence gap exceeds the clip
+    width: the first, on-policy update would then clip sequences the policy never moved."""
+    width = min(losses.clip_widths(algo.importance_sampling_level, algo.eps_low, algo.eps_high))
+    if algo.old_logprobs != "sampler" or seq_gap <= width:
+        return None
+    return (
+        f"warning: logprob_gap/seq_abs={seq_gap:.2e} between the sampler's and the trainer's log-probs "
+        f"exceeds the clip width {width:g}, so algo.old_logprobs=sampler clips on-policy sequences: set "
+        "algo.old_logprobs=trainer (or compute in float32)"
+    )
+
+
 def summarize_updates(m: dict[str, np.ndarray]) -> dict[str, Any]:
     """Means over all updates, plus per-minibatch-index series of the metrics that show off-policy drift."""
     row: dict[str, Any] = {}
@@ -374,7 +392,9 @@ def summarize_updates(m: dict[str, np.ndarray]) -> dict[str, Any]:
             row.update(metrics.expert_load_metrics(value.mean(axis=(0, 1))))
         else:
             row[key] = float(value.mean())
-    row["logprob_gap/token_abs"] = float(np.asarray(m["logprob_gap/token_abs"])[0, 0])
+    # The first update's gap: the policy still equals the sampling policy, so only numerics differ.
+    for key in ("logprob_gap/token_abs", "logprob_gap/seq_abs"):
+        row[key] = float(np.asarray(m[key])[0, 0])
     for key in ("log_ratio_seq/abs_mean", "clip_frac/seq", "clip_frac/token"):
         if key in m:
             per_mb = np.asarray(m[key]).mean(axis=0)

@@ -161,7 +161,7 @@ def make_train_fn(graphdef, optimizer: optax.GradientTransformation, settings: U
         metrics = dict(metrics)
         metrics["moe/aux_loss"] = aux
         metrics["entropy"] = _masked_mean(entropy, mask)
-        metrics["logprob_gap/token_abs"] = _masked_mean(jnp.abs(logp - mb.sampler_logp), mask)
+        metrics |= losses.logprob_gap_metrics(logp, mb.sampler_logp, mask)
         if stats:
             counts = jnp.stack([s.expert_counts for s in stats])
             metrics["moe/expert_load"] = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
