@@ -1,6 +1,10 @@
 """The library surface a user touches first: from_pretrained / save_pretrained, the README snippet,
 CLI modules imported together."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +14,8 @@ from flax import nnx
 
 import gspo_jax
 from hf_models import build_hf_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +52,11 @@ def test_from_pretrained_accepts_any_dtype_like(hf_dir, dtype, expected):
 def test_from_pretrained_rejects_nonsense_dtypes(hf_dir, dtype):
     with pytest.raises(ValueError, match=r"dtype=.*use one of \('float32', 'bfloat16', 'float16'\)"):
         gspo_jax.from_pretrained(hf_dir[0], dtype=dtype)
+
+
+def test_cli_modules_import_together_in_one_process():
+    # Each CLI defines its flags when run as a program; at import time two of them would collide
+    # (generate and bench both have --max_new_tokens, generate and export --dtype).
+    code = "import gspo_jax.train, gspo_jax.generate, gspo_jax.bench, gspo_jax.export; print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
