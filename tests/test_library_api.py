@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from transformers import AutoTokenizer
 
 import gspo_jax
+from gspo_jax import PRESETS, QwenMoeForCausalLM
+from gspo_jax.tokenizer import builtin_tokenizer
 from hf_models import build_hf_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,3 +63,15 @@ def test_cli_modules_import_together_in_one_process():
     code = "import gspo_jax.train, gspo_jax.generate, gspo_jax.bench, gspo_jax.export; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_save_pretrained_writes_the_tokenizer(tmp_path):
+    tokenizer = builtin_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    model = QwenMoeForCausalLM(PRESETS["tiny"], rngs=nnx.Rngs(params=0))
+    gspo_jax.save_pretrained(model, str(tmp_path), tokenizer=tokenizer)
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert loaded.get_vocab() == tokenizer.get_vocab()
+    assert loaded.chat_template == tokenizer.chat_template
+    assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (1, 2, 0)
+    assert loaded("31425=")["input_ids"] == [4 + int(c) for c in "31425"] + [17]

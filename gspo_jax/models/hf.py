@@ -309,11 +309,13 @@ def save_pretrained(
     model: QwenMoeForCausalLM,
     path: str,
     *,
-    dtype: str | None = None,
+    dtype: Any = None,
     fused_experts: bool = False,
     max_shard_bytes: int = 4 * 1024**3,
+    tokenizer=None,
 ) -> None:
-    """Writes config.json, generation_config.json and safetensors that transformers loads.
+    """Writes config.json, generation_config.json and safetensors that transformers loads, and the
+    tokenizer when given (any object with HF's `save_pretrained`), so AutoTokenizer reads it too.
 
     Experts are written per expert (HF's on-disk default) unless fused_experts. Files above
     max_shard_bytes are split into model-0000i-of-0000n.safetensors with an index. In a multi-host
@@ -342,6 +344,8 @@ def save_pretrained(
     with open(os.path.join(path, "generation_config.json"), "w") as f:
         json.dump({k: v for k, v in generation.items() if v is not None}, f, indent=2)
     _write_safetensors(tensors, path, max_shard_bytes)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
 
 
 def _write_safetensors(tensors: dict[str, np.ndarray], path: str, max_shard_bytes: int) -> None:
