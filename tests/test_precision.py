@@ -56,8 +56,10 @@ def rollout_logprobs(dtype, prompts, group, width):
 def trainer_logprobs(dtype, tokens, width):
     graphdef, params = tiny(dtype)
     valid = np.ones(tokens.shape, bool)
-    score = lambda p: completion_logprobs(nnx.merge(graphdef, p), tokens, valid, width, temperature=1.0, chunk=256)
-    return jax.jit(score)(params)[0]
+    def score(p):
+        return completion_logprobs(nnx.merge(graphdef, p), tokens, valid, width, temperature=1.0, chunk=256)[0]
+
+    return jax.jit(score)(params)
 
 
 def test_bf16_sampler_trainer_gap_is_unbiased_rounding_noise():
