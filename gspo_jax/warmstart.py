@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gspo_jax.update import completion_logprobs
+from gspo_jax.logprobs import completion_logprobs
 
 
 @dataclasses.dataclass(frozen=True)

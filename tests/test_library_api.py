@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import gspo_jax
 from gspo_jax import PRESETS, QwenMoeForCausalLM
 from gspo_jax.tokenizer import builtin_tokenizer
-from hf_models import build_hf_model
+from hf_models import build_hf_model, hf_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,3 +75,29 @@ def test_save_pretrained_writes_the_tokenizer(tmp_path):
     assert loaded.chat_template == tokenizer.chat_template
     assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (1, 2, 0)
     assert loaded("31425=")["input_ids"] == [4 + int(c) for c in "31425"] + [17]
+
+
+def readme_library_snippet() -> str:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text[text.index("## Use as a library") :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("```", start)]
+
+
+def test_readme_library_snippet_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(readme_library_snippet(), "README.md", "exec"), namespace)
+    logits, logp = np.asarray(namespace["logits"], np.float64), np.asarray(namespace["logp"])
+    # Row t of the completion is predicted by position 3 + t: log_softmax of the model's own logits.
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    ids = np.array(namespace["input_ids"])
+    want = np.take_along_axis(log_softmax[:, 3:9], ids[:, 4:, None], -1)[..., 0]
+    np.testing.assert_allclose(logp, want, atol=1e-5)
+    assert np.isfinite(float(namespace["loss"])) and "clip_frac/seq" in namespace["metrics"]
+    # "loads in transformers": same logits from the written directory, and the tokenizer with it.
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "tiny_policy_hf")).eval()
+    np.testing.assert_allclose(hf_logits(hf, ids), logits, atol=1e-4)
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "tiny_policy_hf")).decode([5, 6]) == "12"

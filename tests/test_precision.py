@@ -11,12 +11,11 @@ from flax import nnx
 
 import micro_config as micro
 from gspo_jax import losses
-from gspo_jax.logprobs import token_logprobs_from_hidden
 from gspo_jax.models.config import PRESETS
 from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
 from gspo_jax.sampler import Sampler, sample_next
 from gspo_jax.trainer import sampler_gap_warning
-from gspo_jax.update import completion_logprobs
+from gspo_jax.logprobs import completion_logprobs, token_logprobs_from_hidden
 
 
 def tiny(dtype):

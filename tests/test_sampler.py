@@ -15,7 +15,7 @@ from gspo_jax.models import moe
 from gspo_jax.models.config import ModelConfig
 from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
 from gspo_jax.sampler import Sampler, SampleOutput, sample_next
-from gspo_jax.update import completion_logprobs
+from gspo_jax.logprobs import completion_logprobs
 from hf_models import build_hf_model, hf_logits, save_hf_model
 
 N = 8  # new tokens
