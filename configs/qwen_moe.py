@@ -85,6 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.reward = ml_collections.ConfigDict()
     c.reward.fns = "sort_digits"  # comma-separated registered names or package.module:function
     c.reward.weights = ""  # comma-separated, same length as fns; "" = all 1.0
+    # Keyword arguments bound to a function, by its name in fns: {"format": {"pattern": r"^\\boxed"}}.
+    c.reward.fn_kwargs = ml_collections.ConfigDict()
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 50  # RL steps between greedy evals on the held-out split; 0 = off

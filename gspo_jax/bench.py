@@ -35,18 +35,24 @@ from flax import nnx
 import gspo_jax
 from gspo_jax.sampler import Sampler
 
-flags.DEFINE_enum("what", "decode", ["decode"], "Which benchmark to run.")
-flags.DEFINE_list("batch_sizes", ["8", "64"], "Prompts per batch.")
-flags.DEFINE_integer("max_new_tokens", 128, "Tokens generated per prompt.")
-flags.DEFINE_integer("prompt_len", 32, "Prompt length in tokens (all prompts equal length).")
-flags.DEFINE_list(
-    "param_dtypes", ["float32", "bfloat16"], "gspo_jax rollout parameter dtypes (compute is fp32)."
-)
-flags.DEFINE_list("moe_dispatch", ["auto"], "gspo_jax MoE dispatch strategies to time.")
-flags.DEFINE_list("cache_dtypes", ["float32"], "gspo_jax KV cache dtypes (float32 is faster on CPU).")
-flags.DEFINE_integer("rounds", 3, "Timed repetitions per configuration (the best is reported).")
-flags.DEFINE_bool("transformers", True, "Also time transformers' generate on the same weights.")
-flags.DEFINE_string("json_out", "", "Write the result rows and machine facts to this JSON file.")
+
+def define_flags() -> None:
+    """Defines this CLI's flags (at run time, so the CLI modules can be imported together)."""
+    if "batch_sizes" in flags.FLAGS:
+        return
+    flags.DEFINE_enum("what", "decode", ["decode"], "Which benchmark to run.")
+    flags.DEFINE_list("batch_sizes", ["8", "64"], "Prompts per batch.")
+    flags.DEFINE_integer("max_new_tokens", 128, "Tokens generated per prompt.")
+    flags.DEFINE_integer("prompt_len", 32, "Prompt length in tokens (all prompts equal length).")
+    flags.DEFINE_list(
+        "param_dtypes", ["float32", "bfloat16"], "gspo_jax rollout parameter dtypes (compute is fp32)."
+    )
+    flags.DEFINE_list("moe_dispatch", ["auto"], "gspo_jax MoE dispatch strategies to time.")
+    flags.DEFINE_list("cache_dtypes", ["float32"], "gspo_jax KV cache dtypes (float32 is faster on CPU).")
+    flags.DEFINE_integer("rounds", 3, "Timed repetitions per configuration (the best is reported).")
+    flags.DEFINE_bool("transformers", True, "Also time transformers' generate on the same weights.")
+    flags.DEFINE_string("json_out", "", "Write the result rows and machine facts to this JSON file.")
+
 
 # Qwen3-MoE shaped, ~106M parameters.
 BENCH_MODEL = dict(
@@ -293,4 +299,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -15,7 +15,9 @@ Config keys read from `cfg_data` (see `default_data_config()` for the defaults):
   eval_seed        seed of the task's eval records (fixed, so every run evaluates the same set).
   path             JSONL / Parquet file(s): one path, a glob, a comma-separated string (or, in
                    a dict config, a list). Takes precedence over `task`. Every record needs a
-                   non-empty string prompt; its other columns reach the reward functions as `fields`.
+                   prompt: a non-empty string, or a chat as a list of {"role", "content"} messages
+                   (system prompt included), which always goes through the tokenizer's chat
+                   template. Its other columns reach the reward functions as `fields`.
   eval_path        eval file(s), same forms; empty: the task's eval split if no `path`, else none.
   prompt_field     name of the prompt column.
   max_prompt_len   prompts longer than this (in tokens, after the chat template and bos) are
@@ -23,8 +25,8 @@ Config keys read from `cfg_data` (see `default_data_config()` for the defaults):
   buckets          padded prompt widths. A batch is left-padded to the smallest bucket that fits
                    its longest prompt, so the sampler compiles once per bucket. Buckets above
                    `max_prompt_len` are dropped and `max_prompt_len` is always the last bucket.
-  chat_template    wrap each prompt as a user message in the tokenizer's chat template (with the
-                   generation prompt); ignored, with a warning, if the tokenizer has none.
+  chat_template    wrap each text prompt as a user message in the tokenizer's chat template (with
+                   the generation prompt); ignored, with a warning, if the tokenizer has none.
   add_bos          prepend the tokenizer's bos token (unless the prompt already starts with it).
   shuffle          shuffle the records (by the run's seed; a different order each epoch).
   num_epochs       passes over the records; None repeats forever.
@@ -33,16 +35,17 @@ Config keys read from `cfg_data` (see `default_data_config()` for the defaults):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import grain
 import ml_collections
 import numpy as np
 
 from gspo_jax import tasks
-from gspo_jax.records import Records, file_records, task_records
+from gspo_jax.records import Prompt, Records, file_records, task_records
 
 _LOG = logging.getLogger(__name__)
 OVERLONG_MODES = ("drop", "truncate", "error")
@@ -77,14 +80,15 @@ class PromptBatch:
 
     prompt_ids:  [N, P] int32, left-padded with the pad id; P is a bucket width.
     prompt_mask: [N, P] int32, 1 on real tokens, 0 on padding.
-    prompts:     N prompt texts (before the chat template), for the reward functions.
+    prompts:     N prompts as the records hold them (text, or a list of chat messages; before the
+                 chat template), for the reward functions.
     fields:      column -> N values: the records' other columns (e.g. "answer").
     valid:       [N] bool; False only on filler rows that pad the last eval batch.
     """
 
     prompt_ids: np.ndarray
     prompt_mask: np.ndarray
-    prompts: list[str]
+    prompts: list[Prompt]
     fields: dict[str, list[Any]]
     valid: np.ndarray
 
@@ -186,36 +190,64 @@ class _Tokenized:
     truncated: int
 
 
-def _tokenize(records: Records, tokenizer: Any, settings: _Settings) -> _Tokenized:
-    texts = records.prompts
-    if settings.chat_template:
-        if getattr(tokenizer, "chat_template", None):
-            texts = [
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-                )
-                for p in texts
-            ]
-        else:
-            _LOG.warning(
-                "data.chat_template is set but the tokenizer has no chat template: "
-                "prompts are encoded as plain text."
-            )
+def encode_prompts(
+    prompts: Sequence[Prompt], tokenizer: Any, *, chat_template: bool, add_bos: bool
+) -> list[list[int]]:
+    """Token ids of each prompt exactly as the sampler sees it (RL prompts and warm-start prompts alike).
+
+    A prompt that is a list of {"role", "content"} messages always goes through the tokenizer's chat
+    template with the generation prompt (as TRL does); a text prompt does when `chat_template` is set
+    (as one user message). `add_bos` prepends the bos token unless the encoding already starts with it.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template and not has_template:
+        _LOG.warning(
+            "data.chat_template is set but the tokenizer has no chat template: "
+            "text prompts are encoded as plain text."
+        )
     bos = None
-    if settings.add_bos:
+    if add_bos:
         bos = tokenizer.bos_token_id
         if bos is None:
             raise ValueError(
                 "data.add_bos is set but the tokenizer has no bos token: set "
                 "data.add_bos=False (or give the tokenizer a bos_token)."
             )
-    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    texts = []
+    for prompt in prompts:
+        messages = prompt if isinstance(prompt, list) else None
+        if messages is None and chat_template and has_template:
+            messages = [{"role": "user", "content": prompt}]
+        if messages is not None and not has_template:
+            raise ValueError(
+                "chat-format prompts (lists of messages) need a tokenizer with a chat template: use "
+                "the model's own tokenizer, or set tokenizer.chat_template."
+            )
+        texts.append(
+            prompt
+            if messages is None
+            else tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        )
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [list(ids) if bos is None or list(ids[:1]) == [bos] else [bos, *ids] for ids in encoded]
+
+
+def prompt_encoder(cfg_data: Any, tokenizer: Any) -> Callable[[Sequence[Prompt]], list[list[int]]]:
+    """`encode_prompts` with the data config's chat_template / add_bos: one encoding for every phase."""
+    settings = _read_settings(cfg_data)
+    return functools.partial(
+        encode_prompts, tokenizer=tokenizer, chat_template=settings.chat_template, add_bos=settings.add_bos
+    )
+
+
+def _tokenize(records: Records, tokenizer: Any, settings: _Settings) -> _Tokenized:
+    bos = tokenizer.bos_token_id if settings.add_bos else None
+    encoded = encode_prompts(
+        records.prompts, tokenizer, chat_template=settings.chat_template, add_bos=settings.add_bos
+    )
     kept = Records([], [], [])
     ids, dropped, truncated = [], 0, 0
     for i, tokens in enumerate(encoded):
-        tokens = list(tokens)
-        if bos is not None and tokens[:1] != [bos]:
-            tokens = [bos] + tokens
         if not tokens:
             raise ValueError(f"{records.origins[i]}: the prompt encodes to no tokens.")
         if len(tokens) > settings.max_prompt_len:

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from gspo_jax.data import PromptBatch
-from gspo_jax.rollout import completion_texts
+from gspo_jax.rollout import completion_id_lists, completion_texts
 from gspo_jax.sharding import sum_over_hosts
 
 
@@ -31,7 +31,10 @@ def evaluate(
         ids, mask = generate(batch)
         keep = np.asarray(batch.valid, bool)
         texts = completion_texts(tokenizer, ids, mask, stop_ids)
-        result = reward_set(batch.prompts, texts, **batch.fields)
+        # The same arguments as training's scoring (rollout.score_rollout), completion_ids included.
+        result = reward_set(
+            batch.prompts, texts, completion_ids=completion_id_lists(ids, mask), **batch.fields
+        )
         total = np.asarray(result.total, np.float32)
         if is_correct is not None:
             correct = np.array([is_correct(t, a) for t, a in zip(texts, batch.fields["answer"])])

@@ -15,10 +15,15 @@ import ml_collections
 from absl import app, flags
 from flax import nnx
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.", required=True)
-_TO_HF = flags.DEFINE_string("to_hf", None, "Output Hugging Face directory.", required=True)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest good one).")
-_DTYPE = flags.DEFINE_string("dtype", None, "Weight dtype on disk (default: the run's param_dtype).")
+
+def define_flags() -> None:
+    """Defines this CLI's flags (at run time, so the CLI modules can be imported together)."""
+    if "to_hf" in flags.FLAGS:
+        return
+    flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.", required=True)
+    flags.DEFINE_string("to_hf", None, "Output Hugging Face directory.", required=True)
+    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest good one).")
+    flags.DEFINE_string("dtype", None, "Weight dtype on disk (default: the run's param_dtype).")
 
 
 def run_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
@@ -60,9 +65,11 @@ def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None, dt
 
 def main(argv):
     del argv
-    step, _ = export_checkpoint(_WORKDIR.value, _TO_HF.value, step=_STEP.value, dtype=_DTYPE.value)
-    print(f"exported step {step} of {_WORKDIR.value} to {_TO_HF.value}")
+    f = flags.FLAGS
+    step, _ = export_checkpoint(f.workdir, f.to_hf, step=f.step, dtype=f.dtype)
+    print(f"exported step {step} of {f.workdir} to {f.to_hf}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

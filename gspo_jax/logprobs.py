@@ -1,4 +1,7 @@
-"""Token log-probs (and entropies) from final hidden states, chunked over time.
+"""Token log-probs (and entropies) of a model's completions, from final hidden states chunked over time.
+
+`token_logprobs(model, tokens, completion_len)` is the public per-token helper; `completion_logprobs`
+also returns entropies and router statistics for the trainer.
 
 The full fp32 log-softmax over a real vocabulary is huge ([B, T, 151936] floats is 600 KB per
 token), so logits exist one time chunk at a time: a `lax.map` over chunks of `chunk_size`
@@ -16,16 +19,20 @@ import jax
 import jax.numpy as jnp
 
 
+def lm_head_logits(hidden_xd, lm_head_dv, precision=jax.lax.Precision.HIGHEST):
+    """[..., V] float32 logits: hidden @ lm_head with fp32 accumulation and output, whatever the input
+    dtype. The sampler and the trainer both use this, so with bf16 compute their log-probs differ only
+    by the hidden states (a bf16 [.., V] result would round each logit by up to ~1e-2)."""
+    return jnp.einsum(
+        "...d,dv->...v", hidden_xd, lm_head_dv, precision=precision, preferred_element_type=jnp.float32
+    )
+
+
 # prevent_cse=False is safe (and cheaper) because the call sits inside a scan (lax.map).
 @functools.partial(jax.checkpoint, static_argnums=(4, 5), prevent_cse=False)
 def _chunk_logprobs(hidden_bkd, lm_head_dv, targets_bk, temperature, with_entropy, precision):
     """log softmax(hidden @ W / temperature)[target] for one chunk, fp32, [B, K] (and entropy)."""
-    logits_bkv = (
-        jnp.einsum(
-            "bkd,dv->bkv", hidden_bkd, lm_head_dv, precision=precision, preferred_element_type=jnp.float32
-        )
-        / temperature
-    )
+    logits_bkv = lm_head_logits(hidden_bkd, lm_head_dv, precision) / temperature
     log_norm_bk = jax.nn.logsumexp(logits_bkv, axis=-1)
     # mode="clip": an out-of-range id (padding such as -100) reads a finite wrong value, which the
     # caller's completion mask drops; the default "fill" mode would put NaN there.
@@ -116,3 +123,48 @@ def _chunked_logprobs(hidden_btd, lm_head_dv, targets_bt, temperature, chunk, wi
         return x_cbk.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :time]
 
     return jax.tree.map(unchunk, jax.lax.map(one_chunk, (hidden_cbkd, targets_cbk)))
+
+
+def completion_logprobs(
+    model,
+    tokens_bl,
+    valid_bl,
+    completion_len: int,
+    *,
+    temperature: float,
+    chunk: int,
+    with_entropy: bool = False,
+):
+    """log pi(y_t | x, y_<t) of the last `completion_len` tokens of each row: ([B, N], entropy, stats).
+
+    The hidden state at position l predicts token l + 1, so the forward runs over tokens[:, :-1] and
+    keeps its last `completion_len` positions. Log-probs use the temperature-scaled distribution the
+    sampler drew from, so old and new policies are compared on the same distribution.
+    """
+    out = model.forward(tokens_bl[:, :-1], valid_bt=valid_bl[:, :-1])
+    hidden = out.hidden[:, -completion_len:]
+    targets = tokens_bl[:, -completion_len:]
+    result = token_logprobs_from_hidden(
+        hidden,
+        model.lm_head_weight(),
+        targets,
+        temperature=temperature,
+        chunk_size=chunk,
+        with_entropy=with_entropy,
+    )
+    logp, entropy = result if with_entropy else (result, None)
+    return logp, entropy, out.router_stats
+
+
+def token_logprobs(model, tokens_bl, completion_len: int, valid_bl=None, *, temperature: float = 1.0):
+    """[B, completion_len] float32 log pi(y_t | x, y_<t) of the last `completion_len` tokens of each row.
+
+    tokens_bl: [B, L] = [prompt | completion] ids; valid_bl: [B, L] bool (default all True; False on
+    left padding of prompts and right padding of completions, whose log-probs are then meaningless).
+    """
+    tokens_bl = jnp.asarray(tokens_bl)
+    valid_bl = jnp.ones(tokens_bl.shape, bool) if valid_bl is None else jnp.asarray(valid_bl, bool)
+    logp, _, _ = completion_logprobs(
+        model, tokens_bl, valid_bl, completion_len, temperature=temperature, chunk=256
+    )
+    return logp

@@ -164,6 +164,33 @@ def token_mean(values_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
     return _masked_mean(values_bt, mask_bt)
 
 
+def logprob_gap_metrics(logp_bt: jax.Array, sampler_logp_bt: jax.Array, mask_bt: jax.Array) -> dict:
+    """How far the trainer's log-probs are from the sampler's for the same tokens (paper section 5.4).
+
+    logprob_gap/token_abs: mean |logp - sampler_logp| over completion tokens.
+    logprob_gap/seq_abs: mean over sequences with tokens of |mean over the sequence's tokens of
+      (logp - sampler_logp)|: the log s_i the sequence ratio would see on-policy, to compare with the
+      sequence-level clip width.
+    """
+    mask_bt = mask_bt != 0
+    gap_bt = logp_bt.astype(jnp.float32) - sampler_logp_bt.astype(jnp.float32)
+    seq_gap_b = jnp.abs(_sequence_log_ratio(gap_bt, mask_bt))
+    nonempty_b = mask_bt.any(axis=-1)
+    return {
+        "logprob_gap/token_abs": _masked_mean(jnp.abs(gap_bt), mask_bt),
+        "logprob_gap/seq_abs": _masked_mean(seq_gap_b, nonempty_b),
+    }
+
+
+def clip_widths(level: str, eps_low: float | None, eps_high: float | None) -> tuple[float, float]:
+    """(eps_low, eps_high) with None replaced by the level's default."""
+    objective = _lookup(POLICY_OBJECTIVES, level, "level")
+    return (
+        objective.eps_low if eps_low is None else eps_low,
+        objective.eps_high if eps_high is None else eps_high,
+    )
+
+
 AGGREGATIONS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
     "seq-mean-token-mean": seq_mean_token_mean,
     "token-mean": token_mean,
@@ -326,8 +353,7 @@ def policy_loss(
     """
     objective = _lookup(POLICY_OBJECTIVES, level, "level")
     aggregate = _lookup(AGGREGATIONS, aggregation or DEFAULT_AGGREGATION, "aggregation")
-    eps_low = objective.eps_low if eps_low is None else eps_low
-    eps_high = objective.eps_high if eps_high is None else eps_high
+    eps_low, eps_high = clip_widths(level, eps_low, eps_high)
     logp, old_logp, advantages, mask = map(jnp.asarray, (logp, old_logp, advantages, mask))
     ref_logp = None if ref_logp is None else jnp.asarray(ref_logp)
     _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, beta)

@@ -1,5 +1,8 @@
 """Prompt records from JSONL / Parquet files or a built-in task, validated one by one.
 
+A prompt is a non-empty string, or a chat: a list of {"role": ..., "content": ...} messages (system
+prompt included) that the data pipeline renders with the tokenizer's chat template, as TRL does.
+
 Each record keeps its origin ("file:line N", "file:row N", "task ... record N"), so every error
 about a record, here or later in tokenizing, names where the user can fix it.
 """
@@ -16,15 +19,18 @@ import pyarrow.parquet as pq
 
 from gspo_jax import tasks
 
+# A text prompt, or a chat: [{"role": "system", "content": ...}, {"role": "user", "content": ...}].
+Prompt = str | list[dict[str, str]]
+
 _JSONL_SUFFIXES = (".jsonl", ".json")
 _PARQUET_SUFFIXES = (".parquet",)
 
 
 @dataclasses.dataclass
 class Records:
-    """Parallel lists, one entry per record: prompt text, other columns, origin "file:line N"."""
+    """Parallel lists, one entry per record: prompt, other columns, origin "file:line N"."""
 
-    prompts: list[str]
+    prompts: list[Prompt]
     rows: list[dict[str, Any]]
     origins: list[str]
 
@@ -65,6 +71,43 @@ def _read_file(path: str) -> list[tuple[str, Any]]:
     return out
 
 
+def _checked_prompt(prompt: Any, origin: str) -> Prompt:
+    """The record's prompt if it is a non-empty string or a well-formed chat; else a ValueError."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(f"{origin}: the prompt must be a non-empty string, got {prompt!r}.")
+        return prompt
+    if not isinstance(prompt, list):
+        raise ValueError(
+            f"{origin}: the prompt must be a non-empty string or a list of "
+            f'{{"role", "content"}} messages, got {type(prompt).__name__} {prompt!r}.'
+        )
+    if not prompt:
+        raise ValueError(f"{origin}: the prompt is an empty list of messages: give at least a user message.")
+    for i, message in enumerate(prompt):
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+            raise ValueError(
+                f'{origin}: message {i} of the prompt must be an object with "role" and "content", '
+                f"got {message!r}."
+            )
+        role, content = message["role"], message["content"]
+        if not isinstance(role, str) or not role.strip():
+            raise ValueError(f"{origin}: message {i} has role {role!r}; use e.g. 'system' or 'user'.")
+        if not isinstance(content, str):
+            raise ValueError(
+                f"{origin}: message {i} ({role}) has content of type {type(content).__name__}; "
+                "content must be a string."
+            )
+    if prompt[-1]["role"] == "assistant":
+        raise ValueError(
+            f"{origin}: the prompt's last message is from the assistant; the completion is generated "
+            "after the prompt, so end the prompt with a user message."
+        )
+    if not any(m["content"].strip() for m in prompt):
+        raise ValueError(f"{origin}: every message of the prompt is empty.")
+    return [dict(m) for m in prompt]
+
+
 def _validated(raw: Sequence[tuple[str, Any]], prompt_field: str) -> Records:
     records = Records([], [], [])
     for origin, record in raw:
@@ -75,10 +118,7 @@ def _validated(raw: Sequence[tuple[str, Any]], prompt_field: str) -> Records:
                 f"{origin}: record has no {prompt_field!r} field (it has {sorted(record)}); add "
                 "one, or set data.prompt_field to the column holding the prompt."
             )
-        prompt = record[prompt_field]
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{origin}: the prompt must be a non-empty string, got {prompt!r}.")
-        records.prompts.append(prompt)
+        records.prompts.append(_checked_prompt(record[prompt_field], origin))
         records.rows.append({k: v for k, v in record.items() if k != prompt_field})
         records.origins.append(origin)
     return records

@@ -14,7 +14,8 @@ that names a column the data lacks is reported before anything runs (`RewardSet.
 Config: `fns` is a list or comma-separated string of registered names (`math_answer`, `format`,
 `sort_digits`, `addition`) or import paths `package.module:function`; `weights` has one float per
 function (default 1.0 each); `fn_kwargs` maps a function's name to keyword arguments bound to it
-(e.g. `{"format": {"pattern": r"^<answer>\\d+</answer>$"}}`). The total reward is the weighted sum.
+(e.g. `{"format": {"pattern": r"^<answer>\\d+</answer>$"}}`; the config key `reward.fn_kwargs`,
+set in a config file). The total reward is the weighted sum.
 """
 
 from __future__ import annotations
@@ -192,6 +193,29 @@ def _parse_list(value: str | Sequence[Any] | None) -> list[Any]:
     return list(value)
 
 
+def _checked_kwargs(name: str, fn: RewardFn, kwargs: Any) -> dict[str, Any]:
+    """fn_kwargs[name] as a dict, after checking that `fn` accepts each keyword."""
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(
+            f"reward fn_kwargs[{name!r}] must map argument names to values, got {kwargs!r}: "
+            f'write e.g. {{"{name}": {{"pattern": "..."}}}}.'
+        )
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to check against
+        return dict(kwargs)
+    # Checked against the named parameters even when fn takes **fields (the built-ins do, to absorb
+    # data columns): a misspelt keyword would otherwise vanish into **fields unnoticed.
+    named = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(kwargs) - set(named))
+    if unknown:
+        raise ValueError(
+            f"reward fn_kwargs[{name!r}] names {unknown}, which {name!r} does not take as named "
+            f"parameters (it has {named}): fix the names, or add them to the function's signature."
+        )
+    return dict(kwargs)
+
+
 def _shown(text: Any) -> str:
     text = str(text)
     return repr(text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "...")
@@ -286,7 +310,7 @@ class RewardSet:
             if not math.isfinite(weight):
                 raise ValueError(f"reward weight for {name!r} must be finite, got {weight}.")
             if name in fn_kwargs:
-                fn = functools.partial(fn, **fn_kwargs.pop(name))
+                fn = functools.partial(fn, **_checked_kwargs(name, fn, fn_kwargs.pop(name)))
             names.append(name)
             rewards.append(_BoundReward.create(name, fn, weight))
         if fn_kwargs:
@@ -295,6 +319,11 @@ class RewardSet:
                 f"functions {names}: fix the names or add the functions."
             )
         return cls(rewards)
+
+    @classmethod
+    def from_reward_config(cls, cfg_reward: Any) -> RewardSet:
+        """The set a run's `reward` config section describes (keys fns, weights, fn_kwargs)."""
+        return cls.from_config(cfg_reward.fns, cfg_reward.weights or None, cfg_reward.get("fn_kwargs"))
 
     @property
     def names(self) -> tuple[str, ...]:

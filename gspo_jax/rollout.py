@@ -22,6 +22,11 @@ def completion_texts(tokenizer, ids_bn: np.ndarray, mask_bn: np.ndarray, stop_id
     return texts
 
 
+def completion_id_lists(ids_bn: np.ndarray, mask_bn: np.ndarray) -> list[list[int]]:
+    """Each row's generated token ids (stop token included), as reward functions receive them."""
+    return [[int(t) for t in ids[m.astype(bool)]] for ids, m in zip(ids_bn, mask_bn)]
+
+
 def repeat_per_sample(values: list[Any], group_size: int) -> list[Any]:
     """[x0, x1] -> [x0]*G + [x1]*G: matches the sampler's prompt-major row order."""
     return [v for v in values for _ in range(group_size)]
@@ -81,8 +86,9 @@ def score_rollout(
     completions = completion_texts(tokenizer, ids_bn, mask_bn, stop_ids)
     rep_prompts = repeat_per_sample(prompts, group_size)
     rep_fields = {k: repeat_per_sample(v, group_size) for k, v in fields.items()}
-    completion_ids = [[int(t) for t in ids[m.astype(bool)]] for ids, m in zip(ids_bn, mask_bn)]
-    result = reward_set(rep_prompts, completions, completion_ids=completion_ids, **rep_fields)
+    result = reward_set(
+        rep_prompts, completions, completion_ids=completion_id_lists(ids_bn, mask_bn), **rep_fields
+    )
     lengths = mask_bn.sum(axis=1)
     last = np.take_along_axis(ids_bn, np.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
     truncated = (lengths == ids_bn.shape[1]) & ~np.isin(last, list(stop_ids))

@@ -157,9 +157,9 @@ def validate_config(cfg, num_devices: int | None = None) -> None:
         "a supervised warm start needs a built-in task; set it to 0 when training on data.path",
     )
     try:
-        RewardSet.from_config(cfg.reward.fns, cfg.reward.weights or None)
+        RewardSet.from_reward_config(cfg.reward)
     except (ValueError, ImportError) as e:
-        errors.append(f"--config.reward.fns / reward.weights: {e}")
+        errors.append(f"--config.reward.fns / reward.weights / reward.fn_kwargs: {e}")
     try:
         devices = num_devices or len(sharding.mesh_devices(cfg.mesh))
         mesh_shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh, devices)))

@@ -18,7 +18,7 @@ import numpy as np
 
 from gspo_jax import checkpoint as ckpt
 from gspo_jax import losses, metrics, rollout, sharding
-from gspo_jax.data import eval_batches, make_prompt_dataset
+from gspo_jax.data import eval_batches, make_prompt_dataset, prompt_encoder
 from gspo_jax.evaluation import evaluate
 from gspo_jax.optim import make_optimizer
 from gspo_jax.plots import plot_metrics
@@ -65,7 +65,7 @@ class Trainer:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        self.rewards = RewardSet.from_config(cfg.reward.fns, cfg.reward.weights or None)
+        self.rewards = RewardSet.from_reward_config(cfg.reward)
         self.rewards.check_columns(self.data.columns)
         self.eval_set = eval_batches(
             cfg.data,
@@ -132,6 +132,7 @@ class Trainer:
             lambda: jax.random.key(cfg.seed), out_shardings=sharding.replicated(self.mesh)
         )()
         self.nonfinite_in_a_row = 0
+        self.warned_sampler_gap = False
 
     # ---- placement helpers ----
 
@@ -179,7 +180,8 @@ class Trainer:
                 "examples; set --config.warmstart.steps=0 for file data"
             )
         pairs = task.supervised_examples(cfg.seed, max(cfg.warmstart.batch_size * cfg.warmstart.steps, 1))
-        sft = build_supervised_set(pairs, self.tokenizer, self.stop_ids[0], self.pad_id)
+        encode = prompt_encoder(cfg.data, self.tokenizer)
+        sft = build_supervised_set(pairs, encode, self.tokenizer, self.stop_ids[0], self.pad_id)
         self.writer.log(f"warm start: {cfg.warmstart.steps} supervised steps on {len(pairs)} examples")
 
         def on_eval(step, params):
@@ -277,6 +279,10 @@ class Trainer:
         )
         row.update(self.data.metrics())
         self._count_nonfinite(update_metrics, step)
+        warning = sampler_gap_warning(row["logprob_gap/seq_abs"], cfg.algo)
+        if warning and not self.warned_sampler_gap:  # once per run
+            self.warned_sampler_gap = True
+            self.writer.log(warning)
         if cfg.log.samples_every and step % cfg.log.samples_every == 0:
             self.writer.write_samples(step, scored.samples(cfg.log.num_samples))
         return state, row
@@ -364,6 +370,19 @@ class Trainer:
         return last
 
 
+def sampler_gap_warning(seq_gap: float, algo) -> str | None:
+    """A warning when algo.old_logprobs=sampler and the sampler-vs-trainer sequence gap exceeds the clip
+    width: the first, on-policy update would then clip sequences the policy never moved."""
+    width = min(losses.clip_widths(algo.importance_sampling_level, algo.eps_low, algo.eps_high))
+    if algo.old_logprobs != "sampler" or seq_gap <= width:
+        return None
+    return (
+        f"warning: logprob_gap/seq_abs={seq_gap:.2e} between the sampler's and the trainer's log-probs "
+        f"exceeds the clip width {width:g}, so algo.old_logprobs=sampler clips on-policy sequences: set "
+        "algo.old_logprobs=trainer (or compute in float32)"
+    )
+
+
 def summarize_updates(m: dict[str, np.ndarray]) -> dict[str, Any]:
     """Means over all updates, plus per-minibatch-index series of the metrics that show off-policy drift."""
     row: dict[str, Any] = {}
@@ -373,7 +392,9 @@ def summarize_updates(m: dict[str, np.ndarray]) -> dict[str, Any]:
             row.update(metrics.expert_load_metrics(value.mean(axis=(0, 1))))
         else:
             row[key] = float(value.mean())
-    row["logprob_gap/token_abs"] = float(np.asarray(m["logprob_gap/token_abs"])[0, 0])
+    # The first update's gap: the policy still equals the sampling policy, so only numerics differ.
+    for key in ("logprob_gap/token_abs", "logprob_gap/seq_abs"):
+        row[key] = float(np.asarray(m[key])[0, 0])
     for key in ("log_ratio_seq/abs_mean", "clip_frac/seq", "clip_frac/token"):
         if key in m:
             per_mb = np.asarray(m[key]).mean(axis=0)

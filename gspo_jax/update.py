@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from gspo_jax import losses
-from gspo_jax.logprobs import token_logprobs_from_hidden
+from gspo_jax.logprobs import completion_logprobs
 from gspo_jax.models.moe import load_balancing_loss
 
 
@@ -64,37 +64,6 @@ class UpdateSettings:
     logprob_chunk: int
     minibatches: int
     iterations: int
-
-
-def completion_logprobs(
-    model,
-    tokens_bl,
-    valid_bl,
-    completion_len: int,
-    *,
-    temperature: float,
-    chunk: int,
-    with_entropy: bool = False,
-):
-    """log pi(y_t | x, y_<t) of the last `completion_len` tokens of each row: ([B, N], entropy, stats).
-
-    The hidden state at position l predicts token l + 1, so the forward runs over tokens[:, :-1] and
-    keeps its last `completion_len` positions. Log-probs use the temperature-scaled distribution the
-    sampler drew from, so old and new policies are compared on the same distribution.
-    """
-    out = model.forward(tokens_bl[:, :-1], valid_bt=valid_bl[:, :-1])
-    hidden = out.hidden[:, -completion_len:]
-    targets = tokens_bl[:, -completion_len:]
-    result = token_logprobs_from_hidden(
-        hidden,
-        model.lm_head_weight(),
-        targets,
-        temperature=temperature,
-        chunk_size=chunk,
-        with_entropy=with_entropy,
-    )
-    logp, entropy = result if with_entropy else (result, None)
-    return logp, entropy, out.router_stats
 
 
 def _minibatches(tree, num: int):
@@ -161,7 +130,7 @@ def make_train_fn(graphdef, optimizer: optax.GradientTransformation, settings: U
         metrics = dict(metrics)
         metrics["moe/aux_loss"] = aux
         metrics["entropy"] = _masked_mean(entropy, mask)
-        metrics["logprob_gap/token_abs"] = _masked_mean(jnp.abs(logp - mb.sampler_logp), mask)
+        metrics |= losses.logprob_gap_metrics(logp, mb.sampler_logp, mask)
         if stats:
             counts = jnp.stack([s.expert_counts for s in stats])
             metrics["moe/expert_load"] = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gspo_jax.update import completion_logprobs
+from gspo_jax.logprobs import completion_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +28,16 @@ class SupervisedSet:
     target_mask: np.ndarray
 
 
-def build_supervised_set(pairs: list[tuple[str, str]], tokenizer, eos_id: int, pad_id: int) -> SupervisedSet:
-    prompts = [tokenizer.encode(p, add_special_tokens=False) for p, _ in pairs]
+def build_supervised_set(
+    pairs: list[tuple[str, str]],
+    encode_prompts: Callable[[list[str]], list[list[int]]],
+    tokenizer,
+    eos_id: int,
+    pad_id: int,
+) -> SupervisedSet:
+    """encode_prompts: the RL pipeline's prompt encoding (`data.prompt_encoder`), so the supervised
+    prompts are token for token the prompts RL samples from (chat template and bos included)."""
+    prompts = encode_prompts([p for p, _ in pairs])
     targets = [tokenizer.encode(t, add_special_tokens=False) + [eos_id] for _, t in pairs]
     p_len, t_len = max(map(len, prompts)), max(map(len, targets))
     m = len(pairs)

@@ -14,6 +14,7 @@ import pytest
 
 from gspo_jax import data, tasks
 from gspo_jax import tokenizer as tk
+from gspo_jax.warmstart import build_supervised_set
 
 # Built-in tokenizer ids (by its documented layout): pad 0, bos 1, digit d -> 4 + d, '=' -> 17.
 PAD, BOS, EQ = 0, 1, 17
@@ -374,3 +375,64 @@ def test_config_forms_and_errors(tmp_path, tok):
             data.make_prompt_dataset(cfg, tok, prompts_per_step=2, seed=0)
     with pytest.raises(ValueError, match="less than one batch"):
         data.make_prompt_dataset({"path": path, "num_epochs": 1}, tok, prompts_per_step=8, seed=0)
+
+
+def rendered(messages):
+    """chat_tokenizer's template rendered by hand (the independent reference)."""
+    return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+def test_chat_records_go_through_the_chat_template(tmp_path):
+    tokenizer = chat_tokenizer()
+    chat = [{"role": "system", "content": "sort"}, {"role": "user", "content": "31="}]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": chat, "answer": "13"}, {"prompt": "12="}])
+    # Without data.chat_template only the chat record is templated; with it, the text one too.
+    for chat_template, second in ((False, "12="), (True, "<user>12=<assistant>")):
+        cfg = file_config(path, buckets=(64,), max_prompt_len=64, chat_template=chat_template, add_bos=True)
+        batch = next(data.make_prompt_dataset(cfg, tokenizer, prompts_per_step=2, seed=0))
+        for row, text in enumerate((rendered(chat), second)):
+            got = batch.prompt_ids[row][batch.prompt_mask[row] == 1].tolist()
+            assert got == [BOS] + tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert batch.prompts == [chat, "12="]  # rewards see the prompt as written, as in TRL
+        assert batch.fields["answer"] == ["13", None]
+
+
+@pytest.mark.parametrize(
+    "prompt,match",
+    [
+        ([], r"line 1: the prompt is an empty list of messages"),
+        (["hi"], r"line 1: message 0 of the prompt must be an object with \"role\" and \"content\""),
+        ([{"role": "user"}], r"line 1: message 0 of the prompt must be an object"),
+        ([{"role": "", "content": "x"}], r"line 1: message 0 has role ''"),
+        ([{"role": "user", "content": 3}], r"line 1: message 0 \(user\) has content of type int"),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+            r"line 1: the prompt's last message is from the assistant",
+        ),
+        ([{"role": "user", "content": " "}], r"line 1: every message of the prompt is empty"),
+        ({"role": "user", "content": "x"}, r"line 1: the prompt must be a non-empty string or a list"),
+    ],
+)
+def test_bad_chat_records_name_file_line_and_fix(tmp_path, prompt, match):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": prompt}])
+    with pytest.raises(ValueError, match=match):
+        data.make_prompt_dataset(file_config(path), chat_tokenizer(), prompts_per_step=1, seed=0)
+
+
+def test_chat_records_need_a_tokenizer_with_a_chat_template(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": [{"role": "user", "content": "1="}]}])
+    with pytest.raises(ValueError, match="need a tokenizer with a chat template"):
+        data.make_prompt_dataset(file_config(path), tok, prompts_per_step=1, seed=0)
+
+
+def test_warm_start_prompts_are_encoded_like_rl_prompts():
+    tokenizer = chat_tokenizer()
+    cfg = data.default_data_config()
+    cfg.update(train_size=8, buckets=(32,), max_prompt_len=32, chat_template=True, add_bos=True)
+    batch = next(data.make_prompt_dataset(cfg, tokenizer, prompts_per_step=1, seed=0))
+    prompt = batch.prompts[0]
+    expected = [BOS] + tokenizer(f"<user>{prompt}<assistant>", add_special_tokens=False)["input_ids"]
+    assert batch.prompt_ids[0][batch.prompt_mask[0] == 1].tolist() == expected
+
+    sft = build_supervised_set([(prompt, "12")], data.prompt_encoder(cfg, tokenizer), tokenizer, 2, PAD)
+    assert sft.tokens[0][sft.valid[0]].tolist() == expected + digit_ids("12") + [2]

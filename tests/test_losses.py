@@ -592,3 +592,62 @@ def test_bad_arguments_raise_clear_errors():
         policy_loss(logp, old, adv, mask, level="sequence", beta=0.1)
     with pytest.raises(ValueError, match="eps_low"):
         policy_loss(logp, old, adv, mask, level="token", eps_low=-0.1)
+
+
+# ----------------------------------------------------------------------------- finite differences
+
+
+def finite_difference_grad(f, x, h=1e-6):
+    """Central differences of a float64 function at every entry of x."""
+    x = np.asarray(x, np.float64)
+    grad = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        step = np.zeros_like(x)
+        step[index] = h
+        grad[index] = (f(x + step) - f(x - step)) / (2 * h)
+    return grad
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("token_adv", [False, True])
+def test_token_level_gradient_matches_finite_differences(aggregation, token_adv):
+    logp, old, adv, mask, _ = make_batch(7, NOISE["token"], token_adv=token_adv)
+    eps_low, eps_high = DEFAULT_EPS["token"]
+    got = np.asarray(grad_logp("token", logp, old, adv, mask, aggregation=aggregation))
+    ratio = np.exp(np.where(mask == 1, logp.astype(np.float64) - old, 0.0))
+    # Both the clipped (zero-gradient) and the unclipped branch occur among real tokens.
+    adv_bt = np.broadcast_to(adv[:, None], mask.shape) if adv.ndim == 1 else adv
+    clipped = ((ratio > 1 + eps_high) & (adv_bt > 0)) | ((ratio < 1 - eps_low) & (adv_bt < 0))
+    assert clipped[mask == 1].any() and (~clipped[mask == 1]).any()
+
+    def reference(x):
+        full = np.where(mask == 1, x, logp)  # padded entries keep their garbage
+        return np_policy_loss(full, old, adv, mask, "token", eps_low, eps_high, aggregation)[0]
+
+    want = finite_difference_grad(reference, np.where(mask == 1, logp, 0.0))
+    np.testing.assert_allclose(got[mask == 1], want[mask == 1], rtol=1e-4, atol=1e-7)
+    assert np.all(got[mask == 0] == 0)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("level", LEVELS)
+def test_kl_term_gradient_matches_finite_differences(level, aggregation):
+    logp, old, _, mask, ref = make_batch(8, 0.3)
+    beta = 0.05
+    zero_adv = np.zeros(mask.shape[0], np.float32)  # no policy gradient: only the KL term is left
+    kwargs = dict(aggregation=aggregation, ref_logp=ref, beta=beta)
+    got = np.asarray(grad_logp(level, logp, old, zero_adv, mask, **kwargs))
+
+    def reference(x):
+        full = np.where(mask == 1, x, logp)
+        return np_policy_loss(full, old, zero_adv, mask, level, 0.2, 0.28, aggregation, ref=ref, beta=beta)[0]
+
+    want = finite_difference_grad(reference, np.where(mask == 1, logp, 0.0))
+    np.testing.assert_allclose(got[mask == 1], want[mask == 1], rtol=1e-4, atol=1e-8)
+    assert np.all(got[mask == 0] == 0)
+    # Closed form: d k3 / d logp = 1 - exp(ref - logp), times beta and the aggregation's weight.
+    lengths = mask.sum(1, keepdims=True)
+    sequences = (lengths > 0).sum()
+    weight = 1 / mask.sum() if aggregation == "token-mean" else 1 / (np.maximum(lengths, 1) * sequences)
+    closed = beta * (1 - np.exp(ref.astype(np.float64) - logp)) * weight
+    np.testing.assert_allclose(got[mask == 1], np.broadcast_to(closed, mask.shape)[mask == 1], rtol=1e-4)

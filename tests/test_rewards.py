@@ -10,6 +10,10 @@ import pytest
 
 from gspo_jax import rewards
 from gspo_jax.rewards import RewardFunctionError, RewardSet
+from gspo_jax.train import ConfigError, validate_config
+
+import micro_config
+from configs.qwen_moe import get_config
 
 
 @pytest.mark.parametrize(
@@ -235,3 +239,30 @@ def test_task_rewards_are_registered():
     assert {"math_answer", "format", "sort_digits", "addition"} <= set(rewards.registered_rewards())
     out = RewardSet.from_config("addition")(["47+85="], ["122"], answer=["132"])
     assert math.isclose(float(out.total[0]), 2 / 3, rel_tol=1e-6)
+
+
+def test_reward_config_fn_kwargs_reach_the_function():
+    cfg = get_config("tiny")
+    cfg.reward.fns = "format,sort_digits"
+    cfg.reward.fn_kwargs = {"format": {"pattern": r"^7$"}}
+    out = RewardSet.from_reward_config(cfg.reward)(["q", "q"], ["7", "77"], answer=["7", "7"])
+    # The default pattern matches neither completion; the bound one matches exactly "7".
+    np.testing.assert_array_equal(out.columns["format"], [1.0, 0.0])
+
+
+@pytest.mark.parametrize(
+    "fn_kwargs,match",
+    [
+        ({"fromat": {"pattern": "x"}}, r"kwargs given for \['fromat'\], which are not among"),
+        ({"format": {"patern": "x"}}, r"fn_kwargs\['format'\] names \['patern'\], which 'format' does not"),
+        ({"format": "x"}, r"fn_kwargs\['format'\] must map argument names to values"),
+    ],
+)
+def test_reward_config_fn_kwargs_errors_name_the_fix(fn_kwargs, match):
+    cfg = micro_config.get_config()
+    cfg.reward.fns = "format"
+    cfg.reward.fn_kwargs = fn_kwargs
+    with pytest.raises(ValueError, match=match):
+        RewardSet.from_reward_config(cfg.reward)
+    with pytest.raises(ConfigError, match=r"reward\.fn_kwargs: .*" + match):
+        validate_config(cfg, num_devices=1)

@@ -15,7 +15,8 @@ from gspo_jax.models import moe
 from gspo_jax.models.config import ModelConfig
 from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
 from gspo_jax.sampler import Sampler, SampleOutput, sample_next
-from hf_models import build_hf_model, save_hf_model
+from gspo_jax.logprobs import completion_logprobs
+from hf_models import build_hf_model, hf_logits, save_hf_model
 
 N = 8  # new tokens
 PAD = 96  # a pad id no test prompt uses, so padding is visible in completions
@@ -389,3 +390,35 @@ def test_bad_settings_and_shapes_name_the_fix(tiny):
     ids, mask = left_pad(PROMPTS)
     with pytest.raises(ValueError, match="left-pad prompts"):
         Sampler(graphdef, max_new_tokens=4)(params, ids, mask[:, 1:], jax.random.key(0))
+
+
+def test_sampled_logprobs_match_transformers_and_the_trainer_with_stops_and_masked_columns(tiny):
+    hf, _, model, graphdef, params = tiny
+    ids, mask = left_pad(PROMPTS)
+    g, temperature, n = 3, 0.8, 12
+    stop_ids = tuple(range(0, 97, 6))  # 17 of 97 ids: most rows stop early at this temperature
+    out = Sampler(
+        graphdef, max_new_tokens=n, num_samples=g, temperature=temperature, stop_ids=stop_ids, pad_id=PAD
+    )(params, ids, mask, jax.random.key(5))
+    completion, keep = np.asarray(out.completion_ids), np.asarray(out.completion_mask)
+    logp = np.asarray(out.logprobs)
+    lengths = keep.sum(1)
+    assert lengths.min() < n and lengths.max() > 1, "want both early stops and longer rows"
+
+    # transformers: one forward over [left-padded prompt | completion]; log_softmax(logits / T).
+    seq = np.concatenate([np.repeat(ids, g, 0), completion], axis=1)
+    valid = np.concatenate([np.repeat(mask, g, 0), keep], axis=1)
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+    logits = torch.as_tensor(hf_logits(hf, seq, valid, positions)[:, ids.shape[1] - 1 : -1]) / temperature
+    hf_logp = torch.log_softmax(logits.double(), -1).numpy()
+    hf_logp = np.take_along_axis(hf_logp, completion[..., None], -1)[..., 0]
+    real = keep == 1
+    np.testing.assert_allclose(logp[real], hf_logp[real], atol=1e-4)
+    assert np.all(logp[~real] == 0) and np.all(completion[~real] == PAD)  # masked columns
+    for row, length in enumerate(lengths):  # a row ends at its first stop id, which is kept
+        stops = np.isin(completion[row, :length], stop_ids)
+        assert not stops[:-1].any() and (stops[-1] or length == n)
+
+    # The trainer's own log-probs (update.completion_logprobs) of the same tokens.
+    trainer, _, _ = completion_logprobs(model, seq, valid.astype(bool), n, temperature=temperature, chunk=5)
+    np.testing.assert_allclose(logp[real], np.asarray(trainer)[real], atol=1e-5)

@@ -108,6 +108,7 @@ def test_sharded_run_on_a_data_expert_tensor_mesh(tmp_path, model_settings):
     line = read_lines(tmp_path / "mesh" / "metrics.jsonl")[-1]
     # Old log-probs come from the sampler; the first update's fresh forward differs only by float error.
     assert line["logprob_gap/token_abs"] < (5e-2 if model_settings else 1e-3)
+    assert 0 <= line["logprob_gap/seq_abs"] <= line["logprob_gap/token_abs"]
     assert np.isfinite(line["loss"])
 
 

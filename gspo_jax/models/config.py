@@ -11,9 +11,23 @@ import json
 import os
 from typing import Any
 
+import jax.numpy as jnp
+
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "qwen2_moe")
 MOE_DISPATCH_STRATEGIES = ("auto", "dense", "capacity", "ragged", "tiled")
 _DTYPES = ("float32", "bfloat16", "float16")
+
+
+def dtype_name(value: Any) -> str | None:
+    """The canonical name of a dtype-like ("bfloat16", jnp.bfloat16, np.float32, np.dtype(...)) if it
+    is one of the supported float dtypes, else None."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        name = jnp.dtype(value).name
+    except TypeError:
+        return None
+    return name if name in _DTYPES else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +92,13 @@ class ModelConfig:
         if self.moe_dispatch not in MOE_DISPATCH_STRATEGIES:
             errors.append(f"moe_dispatch={self.moe_dispatch!r}: use one of {MOE_DISPATCH_STRATEGIES}")
         for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in _DTYPES:
-                errors.append(f"{name}={getattr(self, name)!r}: use one of {_DTYPES}")
+            canonical = dtype_name(getattr(self, name))
+            if canonical is None:
+                errors.append(
+                    f"{name}={getattr(self, name)!r}: use one of {_DTYPES} (a name, or e.g. jnp.bfloat16)"
+                )
+            else:  # stored by name: the config stays hashable, comparable and JSON-friendly
+                object.__setattr__(self, name, canonical)
         if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
             errors.append(
                 f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"

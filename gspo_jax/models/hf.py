@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -276,18 +276,19 @@ def load_params(
 
 def from_pretrained(
     path: str,
-    dtype: str = "float32",
+    dtype: Any = "float32",
     *,
-    param_dtype: str | None = None,
+    param_dtype: Any = None,
     shardings: dict[Path, object] | None = None,
     **runtime,
 ) -> QwenMoeForCausalLM:
     """Loads a local HF Qwen3-MoE / Qwen2-MoE directory into a model.
 
-    dtype: compute dtype; param_dtype defaults to dtype. Extra keyword arguments set other runtime
+    dtype: compute dtype, any dtype-like ("bfloat16", jnp.bfloat16, np.float32); param_dtype defaults
+    to dtype. Extra keyword arguments set other runtime
     ModelConfig fields (moe_dispatch, capacity_factor).
     """
-    cfg = ModelConfig.from_hf_path(path, dtype=dtype, param_dtype=param_dtype or dtype, **runtime)
+    cfg = ModelConfig.from_hf_path(path, dtype=dtype, param_dtype=dtype if param_dtype is None else param_dtype, **runtime)
     graphdef, state = abstract_model(cfg)
     params = load_params(path, cfg, shardings)
     flat = dict(nnx.to_flat_state(state))
@@ -308,11 +309,13 @@ def save_pretrained(
     model: QwenMoeForCausalLM,
     path: str,
     *,
-    dtype: str | None = None,
+    dtype: Any = None,
     fused_experts: bool = False,
     max_shard_bytes: int = 4 * 1024**3,
+    tokenizer=None,
 ) -> None:
-    """Writes config.json, generation_config.json and safetensors that transformers loads.
+    """Writes config.json, generation_config.json and safetensors that transformers loads, and the
+    tokenizer when given (any object with HF's `save_pretrained`), so AutoTokenizer reads it too.
 
     Experts are written per expert (HF's on-disk default) unless fused_experts. Files above
     max_shard_bytes are split into model-0000i-of-0000n.safetensors with an index. In a multi-host
@@ -341,6 +344,8 @@ def save_pretrained(
     with open(os.path.join(path, "generation_config.json"), "w") as f:
         json.dump({k: v for k, v in generation.items() if v is not None}, f, indent=2)
     _write_safetensors(tensors, path, max_shard_bytes)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
 
 
 def _write_safetensors(tensors: dict[str, np.ndarray], path: str, max_shard_bytes: int) -> None:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gspo_jax.logprobs import lm_head_logits
 from gspo_jax.models.config import ModelConfig
 from gspo_jax.models.layers import Attention, LayerKVCache, RMSNorm, SwiGLU, param
 from gspo_jax.models.moe import MoeBlock, RouterStats, load_balancing_loss
@@ -128,7 +129,8 @@ class QwenMoeForCausalLM(nnx.Module):
         return self.lm_head.value.astype(self.dtype)
 
     def logits(self, hidden_btd):
-        return (hidden_btd @ self.lm_head_weight()).astype(jnp.float32)
+        """[B, T, V] float32, accumulated in fp32 (the same function the trainer's log-probs use)."""
+        return lm_head_logits(hidden_btd, self.lm_head_weight())
 
     def init_cache(self, batch: int, slots: int, dtype=None) -> list[LayerKVCache]:
         """Zeroed per-layer KV caches of `slots` positions (dtype defaults to the compute dtype)."""
