@@ -410,6 +410,17 @@ class Checkpointer:
         with ocp.CheckpointManager(root, options=options, item_handlers=_item_handlers()) as other:
             return self._restore_from(other, name_format, step, target_state, data_iterator)
 
+    def read(self, target_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
+        """(state, meta, step) of one committed step of this workdir (default: the newest good one),
+        for tools that only read a run (export, tests); the data position and resume rules are not involved."""
+        self.wait()
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints in {self.directory}: run training first or check the workdir")
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; steps that exist: {steps}")
+        return self._restore_from(self._manager, self._name_format, step, target_state, None)
+
     def _archive_existing(self) -> None:
         if not self.directory.exists() or not any(self.directory.iterdir()):
             return

@@ -112,9 +112,8 @@ class Trainer:
             pad_id=self.pad_id,
             cache_dtype=cfg.rollout.cache_dtype or None,
         )
+        # The KL reference is the policy RL starts from (after any warm start); set in _loop.
         self.ref_params = None
-        if cfg.algo.beta > 0:
-            self.ref_params = jax.tree.map(jnp.copy, self.policy.params)
         self.writer = metrics.MetricsWriter(
             cfg.workdir,
             total_steps=cfg.steps,
@@ -299,10 +298,17 @@ class Trainer:
 
     # ---- the run ----
 
+    def _checkpoint_tree(self, state: TrainState, ref_params) -> dict[str, Any]:
+        """What a checkpoint holds; the KL reference too when beta > 0, so a resumed run keeps it."""
+        tree = {"train": state, "rng": self.base_key}
+        if self.cfg.algo.beta > 0:
+            tree["ref"] = ref_params
+        return tree
+
     def _save(self, state: TrainState, step: int, meta: dict, row: dict | None = None, force: bool = False):
         self.checkpointer.save(
             step,
-            {"train": state, "rng": self.base_key},
+            self._checkpoint_tree(state, self.ref_params),
             self.data.iterator,
             self.cfg.to_dict(),
             meta,
@@ -327,12 +333,13 @@ class Trainer:
         cfg = self.cfg
         state = self.initial_state()
         restored = self.checkpointer.restore(
-            {"train": state, "rng": self.base_key}, self.data.iterator, resume=cfg.resume
+            self._checkpoint_tree(state, state.params), self.data.iterator, resume=cfg.resume
         )
         start, meta = 0, {"warmstart_done": False}
         if restored is not None:
             tree, meta, start = restored
             state, self.base_key = tree["train"], tree["rng"]
+            self.ref_params = tree.get("ref")
             self.writer.log(f"resumed from step {start} in {cfg.workdir}")
         # Lines of steps after the checkpoint are redone and logged again; a fresh run starts clean.
         self.writer.truncate_after(
@@ -341,6 +348,8 @@ class Trainer:
         )
         if cfg.warmstart.steps > 0 and not meta.get("warmstart_done"):
             state = self.warm_start(state)
+        if cfg.algo.beta > 0 and self.ref_params is None:
+            self.ref_params = jax.tree.map(jnp.copy, state.params)
         meta = {"warmstart_done": True}
         last: dict[str, Any] = {}
         if start == 0:

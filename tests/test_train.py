@@ -215,23 +215,47 @@ def test_data_file_errors_name_file_and_line(tmp_path):
     assert not (tmp_path / "d" / "checkpoints").exists()
 
 
+def _restored_params(workdir, cfg, step):
+    from gspo_jax import checkpoint, sharding
+    from gspo_jax.policy import abstract_train_state
+
+    target, _ = abstract_train_state(cfg, sharding.make_mesh(cfg.mesh))
+    with checkpoint.Checkpointer(workdir, async_save=False) as ckpt:
+        tree, _, _ = ckpt.read(target, step)
+    return tree
+
+
 def test_reference_kl_and_grpo_level_run(tmp_path):
-    cfg = micro_config(
-        tmp_path / "kl",
-        **{
-            "algo.beta": 0.05,
-            "algo.importance_sampling_level": "sequence_token",
-            "warmstart.steps": 0,
-            "eval.every": 0,
-            "steps": 1,
-        },
-    )
+    """The KL reference is the policy RL starts from: after the warm start, and the same after a resume."""
+    workdir = tmp_path / "kl"
+    settings = {
+        "algo.beta": 0.05,
+        "algo.importance_sampling_level": "token",
+        "algo.minibatches": 1,  # one update per step: the first update is on-policy
+        "warmstart.steps": 4,
+        "warmstart.eval_every": 0,
+        "eval.every": 0,
+    }
+    cfg = micro_config(workdir, steps=1, **settings)
     validate_config(cfg)
     trainer = Trainer(cfg)
-    assert trainer.ref_params is not None
+    assert trainer.settings.level == "token"
     trainer.run()
-    line = read_lines(tmp_path / "kl" / "metrics.jsonl")[-1]
-    assert "kl_ref" in line and np.isfinite(line["kl_ref"]) and line["kl_ref"] >= 0
+    line = read_lines(workdir / "metrics.jsonl")[-1]
+    # On-policy: pi_theta == pi_ref exactly when the reference is the post-warm-start policy (k3 = 0);
+    # a reference left at the random initialisation gave kl_ref ~1 here.
+    assert line["step"] == 1 and abs(line["kl_ref"]) < 1e-6, line["kl_ref"]
+    rl_start = _restored_params(workdir, cfg, 0)
+    for a, b in zip(jax.tree.leaves(rl_start["ref"]), jax.tree.leaves(rl_start["train"].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    resumed_cfg = micro_config(workdir, steps=2, **settings)
+    resumed = Trainer(resumed_cfg)
+    resumed.run()
+    for a, b in zip(jax.tree.leaves(resumed.ref_params), jax.tree.leaves(rl_start["train"].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    line = read_lines(workdir / "metrics.jsonl")[-1]
+    assert line["step"] == 2 and line["kl_ref"] > 1e-6  # the policy moved away from the reference
 
 
 @pytest.mark.parametrize("preset", ["qwen3_30b_a3b", "qwen1_5_moe_a2_7b"])
