@@ -33,6 +33,7 @@ Config keys read from `cfg_data` (see `default_data_config()` for the defaults):
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import math
 from typing import Any, Mapping, Sequence
@@ -474,3 +475,25 @@ def eval_batches(
         )
         for b in range(num_batches)
     ]
+
+
+def config_errors(cfg_data: Any) -> list[str]:
+    """Problems with the `data.*` keys: values, and the task or files the run reads (not their records)."""
+    try:
+        settings = _read_settings(cfg_data)
+    except ValueError as e:
+        return [f"--config.data: {e}"]
+    if not settings.path:
+        if settings.task in tasks.TASKS:
+            return []
+        return [
+            f"--config.data.task: {settings.task!r}: set data.task to a built-in task {sorted(tasks.TASKS)} "
+            "or data.path to a JSONL/Parquet file"
+        ]
+    errors = []
+    for key, value in (("path", settings.path), ("eval_path", settings.eval_path)):
+        patterns = value.split(",") if isinstance(value, str) else list(value)
+        missing = [p for p in patterns if p.strip() and not glob.glob(p.strip())]
+        if missing:
+            errors.append(f"--config.data.{key}: no file matches {missing}")
+    return errors

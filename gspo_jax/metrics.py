@@ -45,6 +45,26 @@ DEFAULT_POSTFIX: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
+# Metrics a run logs that can rank checkpoints (checkpoint.keep_best_by), with the better direction.
+RANKABLE = {
+    "eval/accuracy": "max",
+    "eval/reward/mean": "max",
+    "reward/mean": "max",
+    "loss": "min",
+    "kl": "min",
+    "kl_ref": "min",
+    "entropy": "max",
+    "frac_reward_zero_std": "min",
+}
+
+
+def rankable_metrics(reward_names: Sequence[str], with_eval: bool) -> dict[str, str]:
+    """{metric: "max" | "min"} of the rankable metrics this run logs: RANKABLE, the per-function
+    reward means, and the eval metrics only when evaluation runs."""
+    names = {k: v for k, v in RANKABLE.items() if with_eval or not k.startswith("eval/")}
+    names.update({f"reward/{name}/mean": "max" for name in reward_names})
+    return names
+
 
 def is_rl_phase(phase: str | None) -> bool:
     """Whether a line with this phase belongs to the RL run (no phase counts as RL)."""

@@ -1,33 +1,32 @@
-"""The GSPO RL loop: rollout -> reward -> group advantage -> minibatch updates -> sync -> log / checkpoint.
+"""The run loop of a GSPO training run: resume, warm start, RL steps, evaluation cadence, checkpoints, logging.
 
-Owns the run and calls downward only: data (prompts), sampler (completions from the frozen old policy),
-rewards (host Python), losses.group_advantages, the jitted scoring and update phases (update.py),
-checkpoint and metrics. Every array is placed on the mesh built from `mesh.*`; a one-device mesh is
-the same code path as a pod slice.
+(train.py is the command line and the Python entry point `run(cfg)`; rl_step.py is one RL step as a
+function; update.py holds its jitted scoring and update phases.) The loop owns every side effect:
+reading the prompt stream, writing metrics, samples and checkpoints. Every array is placed on the
+mesh built from `mesh.*`; a one-device mesh is the same code path as a pod slice.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gspo_jax import checkpoint as ckpt
-from gspo_jax import losses, metrics, rollout, sharding
+from gspo_jax import metrics, sharding
 from gspo_jax.data import eval_batches, make_prompt_dataset
 from gspo_jax.evaluation import evaluate
-from gspo_jax.optim import make_optimizer
 from gspo_jax.plots import plot_metrics
-from gspo_jax.policy import build_policy, total_updates
+from gspo_jax.policy import build_policy
 from gspo_jax.preemption import PreemptionGuard
 from gspo_jax.rewards import RewardSet
+from gspo_jax.rl_step import RLStep
 from gspo_jax.sampler import Sampler
 from gspo_jax.tokenizer import eos_token_ids, load_tokenizer
-from gspo_jax.update import RolloutBatch, TrainState, UpdateSettings, make_score_fn, make_train_fn
+from gspo_jax.update import TrainState
 from gspo_jax.warmstart import build_supervised_set, run_warmstart
 
 
@@ -35,8 +34,26 @@ class TrainingStopped(RuntimeError):
     """The run stopped on purpose (too many non-finite updates); the last good checkpoint is intact."""
 
 
-def _cast_params(params, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype), params)
+def config_errors(cfg) -> list[str]:
+    """Problems with the keys the run loop reads (steps, workdir, resume, eval, warmstart, log)."""
+    checks = (
+        (cfg.steps >= 1, "steps", f"must be >= 1, got {cfg.steps}"),
+        (bool(cfg.workdir), "workdir", "must name a directory for checkpoints and metrics"),
+        (
+            cfg.resume in ("auto", "never") or os.path.exists(str(cfg.resume)),
+            "resume",
+            f"{cfg.resume!r} is neither auto, never, nor an existing checkpoint path",
+        ),
+        (cfg.eval.every >= 0, "eval.every", "must be >= 0 (0 = off)"),
+        (cfg.warmstart.steps >= 0, "warmstart.steps", "must be >= 0 (0 = off)"),
+        (
+            not (cfg.warmstart.steps and cfg.data.path),
+            "warmstart.steps",
+            "a supervised warm start needs a built-in task; set it to 0 when training on data.path",
+        ),
+        (cfg.log.console_every >= 1, "log.console_every", "must be >= 1"),
+    )
+    return [f"--config.{key}: {problem}" for ok, key, problem in checks if not ok]
 
 
 class Trainer:
@@ -45,8 +62,6 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.mesh = sharding.make_mesh(cfg.mesh)
-        self.batch_rows = sharding.batch_sharding(self.mesh, 2)
-        self.batch_vec = sharding.batch_sharding(self.mesh, 1)
         self.tokenizer = load_tokenizer(cfg.model.hf_path or None)
         self.stop_ids = eos_token_ids(self.tokenizer, cfg.model.hf_path or None)
         self.pad_id = self.tokenizer.pad_token_id
@@ -56,7 +71,6 @@ class Trainer:
                 f"tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is "
                 f"{self.policy.config.vocab_size}: use the model's own tokenizer"
             )
-        self.group = cfg.rollout.group_size
         self.data = make_prompt_dataset(
             cfg.data,
             self.tokenizer,
@@ -74,35 +88,7 @@ class Trainer:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        self.optimizer = make_optimizer(cfg.optim, total_updates(cfg))
-        aux_coef = cfg.model.aux_loss_coef
-        self.settings = UpdateSettings(
-            level=cfg.algo.importance_sampling_level,
-            eps_low=cfg.algo.eps_low,
-            eps_high=cfg.algo.eps_high,
-            aggregation=cfg.algo.aggregation,
-            beta=cfg.algo.beta,
-            aux_loss_coef=self.policy.config.router_aux_loss_coef if aux_coef is None else aux_coef,
-            temperature=cfg.rollout.temperature or 1.0,
-            logprob_chunk=cfg.model.logprob_chunk,
-            minibatches=cfg.algo.minibatches,
-            iterations=cfg.algo.iterations,
-        )
-        self.train_fn = make_train_fn(self.policy.graphdef, self.optimizer, self.settings)
-        self.score_fn = make_score_fn(self.policy.graphdef, self.settings)
-        self.rollout_dtype = jnp.dtype(cfg.model.rollout_dtype or cfg.model.param_dtype)
-        self.cast_for_rollout = jax.jit(lambda p: _cast_params(p, self.rollout_dtype))
-        self.sampler = Sampler(
-            self.policy.graphdef,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            num_samples=self.group,
-            temperature=cfg.rollout.temperature,
-            top_k=cfg.rollout.top_k,
-            top_p=cfg.rollout.top_p,
-            stop_ids=self.stop_ids,
-            pad_id=self.pad_id,
-            cache_dtype=cfg.rollout.cache_dtype or None,
-        )
+        self.rl = RLStep(cfg, self.policy, self.mesh, self.tokenizer, self.rewards, self.stop_ids)
         self.eval_sampler = Sampler(
             self.policy.graphdef,
             max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
@@ -125,6 +111,7 @@ class Trainer:
             cfg.workdir,
             keep=cfg.checkpoint.keep,
             keep_best_by=cfg.checkpoint.keep_best_by or None,
+            best_mode=ckpt.best_mode(cfg),
             async_save=cfg.checkpoint.async_save,
         )
         self.base_key = jax.jit(
@@ -132,32 +119,29 @@ class Trainer:
         )()
         self.nonfinite_in_a_row = 0
 
-    # ---- placement helpers ----
-
-    def _rows(self, host: np.ndarray) -> jax.Array:
-        return sharding.host_to_global(host, self.batch_rows if host.ndim == 2 else self.batch_vec)
-
-    def _host(self, x: jax.Array) -> np.ndarray:
-        return sharding.global_to_host(x, self.mesh)
+    def _rows(self, host):
+        return sharding.place_batch(host, self.mesh)
 
     # ---- phases ----
 
     def initial_state(self) -> TrainState:
         params = self.policy.params
         state = TrainState(
-            params=params, opt_state=jax.jit(self.optimizer.init)(params), step=jnp.zeros((), jnp.int32)
+            params=params, opt_state=jax.jit(self.rl.optimizer.init)(params), step=jnp.zeros((), jnp.int32)
         )
         return sharding.commit_to_mesh(state, self.mesh)
 
     def greedy_eval(self, params) -> dict[str, float]:
-        rollout_params = self.cast_for_rollout(params)
+        rollout_params = self.rl.cast_for_rollout(params)
         is_correct = self.data.task.is_correct if self.data.task is not None else None
 
         def generate(batch):
             out = self.eval_sampler(
                 rollout_params, self._rows(batch.prompt_ids), self._rows(batch.prompt_mask), jax.random.key(0)
             )
-            return self._host(out.completion_ids), self._host(out.completion_mask)
+            return sharding.global_to_host(out.completion_ids, self.mesh), sharding.global_to_host(
+                out.completion_mask, self.mesh
+            )
 
         return evaluate(
             generate,
@@ -206,82 +190,17 @@ class Trainer:
         return dataclasses.replace(state, params=params)
 
     def rl_step(self, state: TrainState, step: int) -> tuple[TrainState, dict[str, Any]]:
+        """Runs step `step` on the next prompt batch; writes its samples when due."""
+        key = jax.random.fold_in(self.base_key, step)
+        state, result = self.rl(state, next(self.data), self.ref_params, key)
+        row = result.metrics | self.data.metrics()
+        self._count_nonfinite(result.update_skipped, step)
         cfg = self.cfg
-        t_start = time.perf_counter()
-        batch = next(self.data)
-        sample_key, train_key = jax.random.split(jax.random.fold_in(self.base_key, step))
-        prompt_ids, prompt_mask = self._rows(batch.prompt_ids), self._rows(batch.prompt_mask)
-        out = self.sampler(self.cast_for_rollout(state.params), prompt_ids, prompt_mask, sample_key)
-        ids, mask = self._host(out.completion_ids), self._host(out.completion_mask)
-        t_rollout = time.perf_counter()
-
-        scored = rollout.score_rollout(
-            self.tokenizer, self.rewards, batch.prompts, batch.fields, self.group, ids, mask, self.stop_ids
-        )
-        # Rewards of this host's rows -> one global array (groups never straddle hosts: rows are prompt-major).
-        advantages, adv_metrics = losses.group_advantages(
-            self._rows(scored.rewards), self.group, scale=cfg.algo.advantage_scale
-        )
-        t_reward = time.perf_counter()
-
-        width = rollout.completion_bucket(int(scored.lengths.max()), cfg.rollout.max_new_tokens)
-        completion_ids = out.completion_ids[:, :width]
-        completion_mask = out.completion_mask[:, :width].astype(jnp.float32)
-        tokens = jnp.concatenate([jnp.repeat(prompt_ids, self.group, axis=0), completion_ids], axis=1)
-        valid = jnp.concatenate(
-            [jnp.repeat(prompt_mask, self.group, axis=0), out.completion_mask[:, :width]], axis=1
-        ).astype(bool)
-        sampler_logp = out.logprobs[:, :width]
-        if cfg.algo.old_logprobs == "trainer":
-            old_logp = self.score_fn(state.params, tokens, valid, completion_mask)
-        else:
-            old_logp = sampler_logp
-        ref_logp = (
-            self.score_fn(self.ref_params, tokens, valid, completion_mask)
-            if self.ref_params is not None
-            else jnp.zeros_like(sampler_logp)
-        )
-        rollout_batch = RolloutBatch(
-            tokens=tokens,
-            valid=valid,
-            completion_mask=completion_mask,
-            advantages=advantages,
-            old_logp=old_logp,
-            sampler_logp=sampler_logp,
-            ref_logp=ref_logp,
-        )
-        state, update_metrics = self.train_fn(state, rollout_batch, train_key)
-        update_metrics = jax.device_get(update_metrics)
-        t_end = time.perf_counter()
-
-        generated = float(scored.lengths.sum())
-        row = scored.metrics()
-        row.update(
-            {
-                (k if k == "frac_reward_zero_std" or k.startswith("reward/") else f"rollout/{k}"): float(v)
-                for k, v in jax.device_get(adv_metrics).items()
-            }
-        )
-        row.update(summarize_updates(update_metrics))
-        row.update(
-            {
-                "tokens_per_s": generated / (t_end - t_start),
-                "rollout/tokens_per_s": generated / (t_rollout - t_start),
-                "step_time_s": t_end - t_start,
-                "time/rollout_s": t_rollout - t_start,
-                "time/reward_s": t_reward - t_rollout,
-                "time/update_s": t_end - t_reward,
-                "train/completion_bucket": float(width),
-            }
-        )
-        row.update(self.data.metrics())
-        self._count_nonfinite(update_metrics, step)
         if cfg.log.samples_every and step % cfg.log.samples_every == 0:
-            self.writer.write_samples(step, scored.samples(cfg.log.num_samples))
+            self.writer.write_samples(step, result.scored.samples(cfg.log.num_samples))
         return state, row
 
-    def _count_nonfinite(self, update_metrics, step: int):
-        skipped = np.asarray(update_metrics["update_skipped"]).reshape(-1)
+    def _count_nonfinite(self, skipped, step: int):
         for s in skipped:
             self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if s else 0
         if skipped.any():
@@ -305,7 +224,7 @@ class Trainer:
             tree["ref"] = ref_params
         return tree
 
-    def _save(self, state: TrainState, step: int, meta: dict, row: dict | None = None, force: bool = False):
+    def _save(self, state: TrainState, step: int, meta: dict, row: dict | None = None):
         self.checkpointer.save(
             step,
             self._checkpoint_tree(state, self.ref_params),
@@ -313,7 +232,6 @@ class Trainer:
             self.cfg.to_dict(),
             meta,
             metrics=row,
-            force=force,
         )
 
     def run(self) -> dict[str, Any]:
@@ -366,25 +284,9 @@ class Trainer:
             last = row
             stopping = guard.should_stop(step)
             if stopping or step % cfg.checkpoint.every == 0 or step == cfg.steps:
-                self._save(state, step, meta, row, force=stopping)
+                self._save(state, step, meta, row)
             if stopping:
                 self.writer.log(f"stop requested: saved step {step}; rerun the same command to resume")
                 break
         return last
 
-
-def summarize_updates(m: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Means over all updates, plus per-minibatch-index series of the metrics that show off-policy drift."""
-    row: dict[str, Any] = {}
-    for key, value in m.items():
-        value = np.asarray(value)  # [iterations, minibatches, ...]
-        if key == "moe/expert_load":
-            row.update(metrics.expert_load_metrics(value.mean(axis=(0, 1))))
-        else:
-            row[key] = float(value.mean())
-    row["logprob_gap/token_abs"] = float(np.asarray(m["logprob_gap/token_abs"])[0, 0])
-    for key in ("log_ratio_seq/abs_mean", "clip_frac/seq", "clip_frac/token"):
-        if key in m:
-            per_mb = np.asarray(m[key]).mean(axis=0)
-            row.update({f"{key}/mb{i}": float(v) for i, v in enumerate(per_mb)})
-    return row

@@ -1,6 +1,7 @@
-"""The jitted phases of one RL step on the trainer side: scoring completions and the minibatch updates.
+"""The jitted phases of one RL step (rl_step.py calls them): scoring completions and the minibatch updates.
 
-A rollout batch holds B = N*G sequences laid out as [left-padded prompt (P) | completion (N_new)].
+A rollout batch holds B = N*G sequences laid out as [left-padded prompt (P) | completion (C)], T = P + C
+(shape letters: BUILD_NOTES.md, "Shapes").
 `score` computes per-token log-probs of the completions (old policy or reference); `train` runs
 `iterations` passes of `minibatches` AdamW updates of the policy loss in one compiled lax.scan, so one
 RL step costs one dispatch per phase and no host round trip.
@@ -24,7 +25,7 @@ from gspo_jax.models.moe import load_balancing_loss
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class RolloutBatch:
-    """tokens/valid: [B, P + N]; completion_mask, old_logp, sampler_logp, ref_logp: [B, N];
+    """tokens/valid: [B, T]; completion_mask, old_logp, sampler_logp, ref_logp: [B, C];
     advantages: [B] (one per sequence)."""
 
     tokens: jax.Array
@@ -68,23 +69,23 @@ class UpdateSettings:
 
 def completion_logprobs(
     model,
-    tokens_bl,
-    valid_bl,
+    tokens_bt,
+    valid_bt,
     completion_len: int,
     *,
     temperature: float,
     chunk: int,
     with_entropy: bool = False,
 ):
-    """log pi(y_t | x, y_<t) of the last `completion_len` tokens of each row: ([B, N], entropy, stats).
+    """log pi(y_t | x, y_<t) of the last `completion_len` tokens of each row: ([B, C], entropy, stats).
 
     The hidden state at position l predicts token l + 1, so the forward runs over tokens[:, :-1] and
     keeps its last `completion_len` positions. Log-probs use the temperature-scaled distribution the
     sampler drew from, so old and new policies are compared on the same distribution.
     """
-    out = model.forward(tokens_bl[:, :-1], valid_bt=valid_bl[:, :-1])
+    out = model.forward(tokens_bt[:, :-1], valid_bt=valid_bt[:, :-1])
     hidden = out.hidden[:, -completion_len:]
-    targets = tokens_bl[:, -completion_len:]
+    targets = tokens_bt[:, -completion_len:]
     result = token_logprobs_from_hidden(
         hidden,
         model.lm_head_weight(),
@@ -103,7 +104,7 @@ def _minibatches(tree, num: int):
 
 
 def make_score_fn(graphdef, settings: UpdateSettings) -> Callable:
-    """jit(params, tokens, valid, completion_mask) -> log-probs [B, N], in minibatch-sized chunks."""
+    """jit(params, tokens, valid, completion_mask) -> log-probs [B, C], in minibatch-sized chunks."""
 
     def score(params, tokens, valid, completion_mask):
         model = nnx.merge(graphdef, params)
@@ -124,10 +125,6 @@ def make_score_fn(graphdef, settings: UpdateSettings) -> Callable:
         return logp.reshape(completion_mask.shape) * completion_mask
 
     return jax.jit(score)
-
-
-def _masked_mean(x, mask):
-    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def make_train_fn(graphdef, optimizer: optax.GradientTransformation, settings: UpdateSettings) -> Callable:
@@ -160,8 +157,8 @@ def make_train_fn(graphdef, optimizer: optax.GradientTransformation, settings: U
         aux = load_balancing_loss(stats)
         metrics = dict(metrics)
         metrics["moe/aux_loss"] = aux
-        metrics["entropy"] = _masked_mean(entropy, mask)
-        metrics["logprob_gap/token_abs"] = _masked_mean(jnp.abs(logp - mb.sampler_logp), mask)
+        metrics["entropy"] = losses.token_mean(entropy, mask)
+        metrics["logprob_gap/token_abs"] = losses.token_mean(jnp.abs(logp - mb.sampler_logp), mask)
         if stats:
             counts = jnp.stack([s.expert_counts for s in stats])
             metrics["moe/expert_load"] = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)

@@ -239,7 +239,7 @@ def test_reference_kl_and_grpo_level_run(tmp_path):
     cfg = micro_config(workdir, steps=1, **settings)
     validate_config(cfg)
     trainer = Trainer(cfg)
-    assert trainer.settings.level == "token"
+    assert trainer.rl.settings.level == "token"
     trainer.run()
     line = read_lines(workdir / "metrics.jsonl")[-1]
     # On-policy: pi_theta == pi_ref exactly when the reference is the post-warm-start policy (k3 = 0);

@@ -13,7 +13,7 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "qwen2_moe")
 MOE_DISPATCH_STRATEGIES = ("auto", "dense", "capacity", "ragged", "tiled")
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +78,8 @@ class ModelConfig:
         if self.moe_dispatch not in MOE_DISPATCH_STRATEGIES:
             errors.append(f"moe_dispatch={self.moe_dispatch!r}: use one of {MOE_DISPATCH_STRATEGIES}")
         for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in _DTYPES:
-                errors.append(f"{name}={getattr(self, name)!r}: use one of {_DTYPES}")
+            if getattr(self, name) not in DTYPES:
+                errors.append(f"{name}={getattr(self, name)!r}: use one of {DTYPES}")
         if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
             errors.append(
                 f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
@@ -336,3 +336,30 @@ PRESETS["tiny"] = ModelConfig(
     pad_token_id=0,
     initializer_range=0.05,
 )
+
+
+def config_errors(model) -> list[str]:
+    """Problems with a run config's `model.*` keys (dtypes, dispatch, where the weights come from)."""
+    errors = []
+    for key in ("dtype", "param_dtype"):
+        if model[key] not in DTYPES:
+            errors.append(f"--config.model.{key}: {model[key]!r}: use one of {DTYPES}")
+    if model.rollout_dtype not in ("",) + DTYPES:
+        errors.append(f"--config.model.rollout_dtype: {model.rollout_dtype!r}: use '' (same as param_dtype) or one of {DTYPES}")
+    if model.moe_dispatch not in MOE_DISPATCH_STRATEGIES:
+        errors.append(f"--config.model.moe_dispatch: {model.moe_dispatch!r}: use one of {MOE_DISPATCH_STRATEGIES}")
+    if model.logprob_chunk < 1:
+        errors.append("--config.model.logprob_chunk: must be >= 1")
+    if model.hf_path:
+        if not os.path.isfile(os.path.join(model.hf_path, "config.json")):
+            errors.append(
+                f"--config.model.hf_path: {model.hf_path!r} has no config.json: point it at a local "
+                "Hugging Face model directory"
+            )
+    elif model.preset != "tiny":
+        errors.append(
+            f"--config.model.hf_path: preset {model.preset!r} needs its released weights: set "
+            f"--config.model.hf_path=/path/to/hf_dir (a fresh init is only offered for 'tiny'; known presets: "
+            f"{sorted(PRESETS)})"
+        )
+    return errors
