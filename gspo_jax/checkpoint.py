@@ -231,6 +231,7 @@ class Checkpointer:
             raise ValueError(f"best_mode must be one of {BEST_MODES}, got {best_mode!r}")
         self.directory = Path(workdir).absolute() / CHECKPOINT_DIR  # Orbax needs absolute paths
         self.keep_best_by = keep_best_by
+        self.restored_config: dict | None = None  # the run config saved with the step last restored
         self._name_format = _CommittedSteps()
         policies = [ocp.checkpoint_managers.LatestN(n=keep)]
         best_fn = None
@@ -395,16 +396,26 @@ class Checkpointer:
         with ocp.CheckpointManager(root, options=options, item_handlers=_item_handlers()) as other:
             return self._restore_from(other, name_format, step, target_state, data_iterator)
 
-    def read(self, target_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
-        """(state, meta, step) of one committed step of this workdir (default: the newest good one),
-        for tools that only read a run (export, tests); the data position and resume rules are not involved."""
+    def _existing_step(self, step: int | None) -> int:
+        """`step` (default: the newest), checked to be a committed step of this workdir."""
         self.wait()
         steps = self.all_steps()
         if not steps:
             raise FileNotFoundError(f"no checkpoints in {self.directory}: run training first or check the workdir")
         if step is not None and step not in steps:
             raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; steps that exist: {steps}")
+        return steps[-1] if step is None else step
+
+    def read(self, target_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
+        """(state, meta, step) of one committed step of this workdir (default: the newest good one),
+        for tools that only read a run (export, tests); the data position and resume rules are not involved."""
+        step = self._existing_step(step)
         return self._restore_from(self._manager, self._name_format, step, target_state, None)
+
+    def read_config(self, step: int | None = None) -> dict:
+        """The run config saved with `step` (default: the newest step)."""
+        step = self._existing_step(step)
+        return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
     def _archive_existing(self) -> None:
         if not self.directory.exists() or not any(self.directory.iterdir()):
@@ -501,6 +512,7 @@ class Checkpointer:
         items = {
             "state": ocp.args.StandardRestore(target),
             "meta": ocp.args.JsonRestore(),
+            "config": ocp.args.JsonRestore(),
             "integrity": ocp.args.JsonRestore(),
         }
         if data_iterator is not None:
@@ -526,6 +538,7 @@ class Checkpointer:
             return leaf if impl is None else jax.random.wrap_key_data(leaf, impl=impl)
 
         state = jax.tree_util.tree_map_with_path(wrap, restored["state"])
+        self.restored_config = restored["config"]
         return state, restored["meta"]
 
 

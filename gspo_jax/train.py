@@ -13,6 +13,7 @@ it to the run loop (trainer.py), which calls one RL step (rl_step.py) at a time.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import sys
 from typing import Any
@@ -20,9 +21,10 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "qwen_moe.py")
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
-    os.path.join(os.path.dirname(__file__), "..", "configs", "qwen_moe.py"),
+    _DEFAULT_CONFIG,
     "Training config file, optionally with a preset: configs/qwen_moe.py:tiny",
     lock_config=True,
 )
@@ -137,13 +139,25 @@ def unknown_key_message(cfg, argv: list[str]) -> str | None:
     return None
 
 
+def _config_of(argv: list[str]):
+    """The config file's config named by --config=path[:arg] in argv (or the default file)."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), _DEFAULT_CONFIG)
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_gspo_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, but a bad flag or config key exits with one line instead of a traceback."""
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
-        config = flags.FLAGS["config"].value
-        message = unknown_key_message(config, argv) if config is not None else None
+        try:
+            message = unknown_key_message(_config_of(argv), argv)
+        except Exception:  # the config file itself is broken: absl's own message says how
+            message = None
         sys.exit(f"error: {message or str(error).splitlines()[0]}")
 
 

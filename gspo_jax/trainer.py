@@ -9,11 +9,15 @@ mesh built from `mesh.*`; a one-device mesh is the same code path as a pod slice
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 from gspo_jax import checkpoint as ckpt
 from gspo_jax import metrics, sharding
@@ -78,6 +82,7 @@ class Trainer:
             seed=cfg.seed,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            hold_out=cfg.eval.every > 0,
         )
         self.rewards = RewardSet.from_config(cfg.reward.fns, cfg.reward.weights or None)
         self.rewards.check_columns(self.data.columns)
@@ -87,6 +92,7 @@ class Trainer:
             batch_size=cfg.eval.batch_size,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            hold_out=cfg.eval.every > 0,
         )
         self.rl = RLStep(cfg, self.policy, self.mesh, self.tokenizer, self.rewards, self.stop_ids)
         self.eval_sampler = Sampler(
@@ -196,7 +202,7 @@ class Trainer:
         row = result.metrics | self.data.metrics()
         self._count_nonfinite(result.update_skipped, step)
         cfg = self.cfg
-        if cfg.log.samples_every and step % cfg.log.samples_every == 0:
+        if cfg.log.samples_every and (step % cfg.log.samples_every == 0 or step == cfg.steps):
             self.writer.write_samples(step, result.scored.samples(cfg.log.num_samples))
         return state, row
 
@@ -247,8 +253,29 @@ class Trainer:
             plot_metrics(self.cfg.workdir)
         return last
 
+    def _startup_summary(self) -> None:
+        cfg, devices = self.cfg, self.mesh.devices.reshape(-1)
+        total, active = parameter_counts(self.policy.params, self.policy.config.num_experts_per_tok)
+        self.writer.log(
+            f"devices: {len(devices)} x {devices[0].platform} in {jax.process_count()} process(es); "
+            f"mesh {dict(self.mesh.shape)}"
+        )
+        self.writer.log(f"policy: {total:,} parameters, {active:,} active per token ({cfg.model.hf_path or cfg.model.preset})")
+        eval_count = int(sharding.sum_over_hosts(sum(int(np.sum(b.valid)) for b in self.eval_set)))
+        train_count = self.data.num_records * jax.process_count()
+        held_out = cfg.data.path and not cfg.data.eval_path and eval_count
+        self.writer.log(
+            f"records: {train_count:,} train, {eval_count:,} eval"
+            + (" (held out of data.path: min(data.eval_size, 10%); set data.eval_path to use a file)" if held_out else "")
+        )
+        if not cfg.eval.every:
+            self.writer.log("evaluation: off (eval.every=0)")
+        elif not eval_count:
+            self.writer.log("evaluation: off: no eval records (set data.eval_path, or use a training file of >= 10 records)")
+
     def _loop(self, guard) -> dict[str, Any]:
         cfg = self.cfg
+        self._startup_summary()
         state = self.initial_state()
         restored = self.checkpointer.restore(
             self._checkpoint_tree(state, state.params), self.data.iterator, resume=cfg.resume
@@ -259,6 +286,9 @@ class Trainer:
             state, self.base_key = tree["train"], tree["rng"]
             self.ref_params = tree.get("ref")
             self.writer.log(f"resumed from step {start} in {cfg.workdir}")
+            changes = config_changes(self.checkpointer.restored_config, cfg.to_dict())
+            if changes:
+                self.writer.log(f"config changed since step {start} (old -> new): " + "; ".join(changes))
         # Lines of steps after the checkpoint are redone and logged again; a fresh run starts clean.
         self.writer.truncate_after(
             start if restored is not None else -1,
@@ -270,11 +300,15 @@ class Trainer:
             self.ref_params = jax.tree.map(jnp.copy, state.params)
         meta = {"warmstart_done": True}
         last: dict[str, Any] = {}
+        if start >= cfg.steps:
+            self.writer.log(f"already at step {start} of {cfg.steps}: nothing to do (raise --config.steps to train on)")
+            return last
         if start == 0:
             if cfg.eval.every:
                 last = self.greedy_eval(state.params)
                 self.writer.write(0, last)
             self._save(state, 0, meta, last)
+        self.writer.log("compiling the sampler, scoring and update steps (the first step includes it)")
         for step in range(start + 1, cfg.steps + 1):
             state, row = self.rl_step(state, step)
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.steps):
@@ -290,3 +324,35 @@ class Trainer:
                 break
         return last
 
+
+def parameter_counts(params, experts_per_token: int) -> tuple[int, int]:
+    """(total, active per token): an array with an "expert" logical axis counts k/E of itself as active."""
+    total = active = 0
+    for _, variable in nnx.to_flat_state(params):
+        shape = variable.get_value().shape
+        size = math.prod(shape)
+        axes = variable.get_metadata().get("logical_axes") or ()
+        total += size
+        active += size
+        if "expert" in axes:
+            active -= size - size // shape[axes.index("expert")] * experts_per_token
+    return total, active
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def config_changes(saved: dict | None, current: dict) -> list[str]:
+    """'key: old -> new' for each config key whose value differs from the saved config (JSON-compared)."""
+    if saved is None:
+        return []
+    old = _flatten(saved)
+    new = _flatten(json.loads(json.dumps(current, default=str)))
+    return [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
