@@ -152,13 +152,15 @@ def _config_of(argv: list[str]):
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, but a bad flag or config key exits with one line instead of a traceback."""
     try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
+        args = flags.FLAGS(argv)
+        flags.FLAGS["config"].value.get("workdir")  # a config file that failed to load raises here
+        return args
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as error:
         try:
             message = unknown_key_message(_config_of(argv), argv)
         except Exception:  # the config file itself is broken: absl's own message says how
             message = None
-        sys.exit(f"error: {message or str(error).splitlines()[0]}")
+        sys.exit(f"error: {message or str(error).strip()}")
 
 
 def main(argv):
