@@ -405,3 +405,15 @@ def test_config_key_typo_prints_one_line_with_the_suggestion(tmp_path):
     )
     assert proc.returncode != 0
     assert proc.stderr.strip() == "error: unknown key --config.algo.minibatchs; did you mean algo.minibatches?"
+
+
+def test_data_section_is_validated(tmp_path):
+    cfg = micro_config(tmp_path / "d", **{"data.task": "", "data.path": str(tmp_path / "missing.jsonl")})
+    with pytest.raises(ConfigError, match=r"--config.data.path: no file matches"):
+        validate_config(cfg)
+    cfg = micro_config(tmp_path / "d", **{"data.overlong": "cut"})
+    with pytest.raises(ConfigError, match=r"--config.data: data.overlong must be one of"):
+        validate_config(cfg)
+    cfg = micro_config(tmp_path / "d", **{"data.task": "sorting"})
+    with pytest.raises(ConfigError, match=r"--config.data.task: 'sorting'"):
+        validate_config(cfg)
