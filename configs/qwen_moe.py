@@ -98,7 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 100  # RL steps; a final checkpoint is always written
     c.checkpoint.keep = 3
-    c.checkpoint.keep_best_by = ""  # e.g. eval/accuracy
+    c.checkpoint.keep_best_by = ""  # also keep the best checkpoint by this metric, e.g. eval/accuracy
+    c.checkpoint.keep_best_mode = ""  # max | min; "": the metric's own (max for accuracy/reward, min for loss)
     c.checkpoint.async_save = True
 
     c.log = ml_collections.ConfigDict()

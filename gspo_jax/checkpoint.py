@@ -18,7 +18,7 @@ the next older one. Nothing on disk is deleted or moved on failure. A checkpoint
 not fit the target (other shapes or keys) raises CheckpointMismatchError at once: older steps of
 the same run would not fit either.
 
-Keep-N policy: garbage collection (keep the newest `keep`, plus the `keep_best` best by a metric)
+Keep-N policy: garbage collection (keep the newest `keep`, plus the best one by a metric)
 happens when a save commits and only ever counts committed, readable steps; steps found corrupt
 at restore are invisible to it, so they can never push a good older checkpoint out. A corrupt or
 uncommitted dir stays untouched until this run saves the same step number again; it is then
@@ -46,6 +46,7 @@ from gspo_jax.sharding import all_processes_agree
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+BEST_MODES = ("max", "min")
 # Orbax writes this file into a step dir as the last act of committing it.
 _COMMIT_MARKER = "commit_success.txt"
 _NEVER_HINT = (
@@ -96,11 +97,6 @@ def _untype_keys(state: Any) -> tuple[Any, dict[str, str]]:
         return leaf
 
     return jax.tree_util.tree_map_with_path(convert, state), impls
-
-
-def _as_dict(config: Any) -> dict:
-    """A plain dict of a Mapping or an ml_collections ConfigDict."""
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -227,20 +223,15 @@ class Checkpointer:
         keep: int = 3,
         keep_best_by: str | None = None,
         best_mode: str = "max",
-        keep_best: int = 1,
         async_save: bool = True,
-        save_every: int = 1,
     ):
-        if keep < 1 or keep_best < 1 or save_every < 1:
-            raise ValueError(
-                f"Checkpointer needs keep, keep_best and save_every >= 1, got keep={keep}, "
-                f"keep_best={keep_best}, save_every={save_every}"
-            )
-        if best_mode not in ("max", "min"):
-            raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+        if keep < 1:
+            raise ValueError(f"Checkpointer needs keep >= 1, got {keep}")
+        if best_mode not in BEST_MODES:
+            raise ValueError(f"best_mode must be one of {BEST_MODES}, got {best_mode!r}")
         self.directory = Path(workdir).absolute() / CHECKPOINT_DIR  # Orbax needs absolute paths
         self.keep_best_by = keep_best_by
-        self.save_every = save_every
+        self.restored_config: dict | None = None  # the run config saved with the step last restored
         self._name_format = _CommittedSteps()
         policies = [ocp.checkpoint_managers.LatestN(n=keep)]
         best_fn = None
@@ -252,7 +243,7 @@ class Checkpointer:
                 ocp.checkpoint_managers.BestN(
                     get_metric_fn=best_fn,
                     reverse=best_mode == "min",
-                    n=keep_best,
+                    n=1,
                     keep_checkpoints_without_metrics=False,
                 )
             )
@@ -290,13 +281,10 @@ class Checkpointer:
         meta: Mapping[str, Any],
         *,
         metrics: Mapping[str, Any] | None = None,
-        force: bool = False,
     ) -> bool:
-        """Starts saving a checkpoint of `step`; returns whether one is being written.
-
-        Saves when `step % save_every == 0` or `force` (use force for the final step and on
-        preemption). `metrics[keep_best_by]` ranks checkpoints for keep-best. The iterator's
-        position is captured now, so it may be advanced while the save runs.
+        """Starts saving a checkpoint of `step`; returns whether one is being written (False when
+        this step is saved already). `metrics[keep_best_by]` ranks checkpoints for keep-best. The
+        iterator's position is captured now, so it may be advanced while the save runs.
         """
         step = int(step)
         latest = self.latest_step()
@@ -309,13 +297,11 @@ class Checkpointer:
                 f"{latest}. Checkpoints are written in increasing step order; resume from the "
                 f"latest one, or use a new workdir"
             )
-        if not force and step % self.save_every:
-            return False
         self._move_aside_stale_dir(step)
         arrays, key_impls = _untype_keys(state)
         items = {
             "state": ocp.args.StandardSave(arrays),
-            "config": ocp.args.JsonSave(_jsonable(_as_dict(config_dict))),
+            "config": ocp.args.JsonSave(_jsonable(dict(config_dict))),
             "meta": ocp.args.JsonSave(_jsonable(dict(meta))),
             "integrity": ocp.args.JsonSave({"checksums": state_checksums(arrays), "key_impls": key_impls}),
         }
@@ -409,6 +395,27 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(step_name_format=name_format, read_only=True, create=False)
         with ocp.CheckpointManager(root, options=options, item_handlers=_item_handlers()) as other:
             return self._restore_from(other, name_format, step, target_state, data_iterator)
+
+    def _existing_step(self, step: int | None) -> int:
+        """`step` (default: the newest), checked to be a committed step of this workdir."""
+        self.wait()
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints in {self.directory}: run training first or check the workdir")
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; steps that exist: {steps}")
+        return steps[-1] if step is None else step
+
+    def read(self, target_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
+        """(state, meta, step) of one committed step of this workdir (default: the newest good one),
+        for tools that only read a run (export, tests); the data position and resume rules are not involved."""
+        step = self._existing_step(step)
+        return self._restore_from(self._manager, self._name_format, step, target_state, None)
+
+    def read_config(self, step: int | None = None) -> dict:
+        """The run config saved with `step` (default: the newest step)."""
+        step = self._existing_step(step)
+        return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
     def _archive_existing(self) -> None:
         if not self.directory.exists() or not any(self.directory.iterdir()):
@@ -505,6 +512,7 @@ class Checkpointer:
         items = {
             "state": ocp.args.StandardRestore(target),
             "meta": ocp.args.JsonRestore(),
+            "config": ocp.args.JsonRestore(),
             "integrity": ocp.args.JsonRestore(),
         }
         if data_iterator is not None:
@@ -530,4 +538,42 @@ class Checkpointer:
             return leaf if impl is None else jax.random.wrap_key_data(leaf, impl=impl)
 
         state = jax.tree_util.tree_map_with_path(wrap, restored["state"])
+        self.restored_config = restored["config"]
         return state, restored["meta"]
+
+
+def config_errors(cfg) -> list[str]:
+    """Problems with the `checkpoint.*` keys; keep_best_by must name a metric the run logs."""
+    from gspo_jax import metrics
+    from gspo_jax.rewards import RewardSet
+
+    c, errors = cfg.checkpoint, []
+    if c.every < 1:
+        errors.append("--config.checkpoint.every: must be >= 1")
+    if c.keep < 1:
+        errors.append("--config.checkpoint.keep: must be >= 1")
+    if c.keep_best_mode not in ("",) + BEST_MODES:
+        errors.append(f"--config.checkpoint.keep_best_mode: {c.keep_best_mode!r}: use '' (the metric's own), max or min")
+    if c.keep_best_by:
+        try:
+            reward_names = RewardSet.from_config(cfg.reward.fns, cfg.reward.weights or None).names
+        except (ValueError, ImportError):
+            reward_names = ()  # reported by the reward section
+        known = metrics.rankable_metrics(reward_names, with_eval=cfg.eval.every > 0)
+        if c.keep_best_by not in known:
+            why = " (evaluation is off: eval.every=0)" if c.keep_best_by.startswith("eval/") else ""
+            errors.append(
+                f"--config.checkpoint.keep_best_by: {c.keep_best_by!r} is not a metric this run logs{why}; "
+                f"use one of {sorted(known)}"
+            )
+    return errors
+
+
+def best_mode(cfg) -> str:
+    """Whether a larger or smaller `checkpoint.keep_best_by` is better: keep_best_mode, else the metric's own."""
+    from gspo_jax import metrics
+
+    c = cfg.checkpoint
+    if c.keep_best_mode:
+        return c.keep_best_mode
+    return metrics.RANKABLE.get(c.keep_best_by, "max")

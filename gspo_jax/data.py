@@ -11,14 +11,17 @@ Config keys read from `cfg_data` (see `default_data_config()` for the defaults):
   task             built-in task name (`gspo_jax.tasks.TASKS`), used when `path` is empty.
   task_kwargs      dict of options for the task, e.g. {"num_digits": 4}.
   train_size       number of train records generated from the task.
-  eval_size        number of eval records generated from the task's (disjoint) eval split.
+  eval_size        number of eval records generated from the task's (disjoint) eval split; with
+                   file data and no eval_path, at most this many (and at most 10%) of the
+                   training file's records are held out for evaluation when the run evaluates.
   eval_seed        seed of the task's eval records (fixed, so every run evaluates the same set).
   path             JSONL / Parquet file(s): one path, a glob, a comma-separated string (or, in
                    a dict config, a list). Takes precedence over `task`. Every record needs a
                    prompt: a non-empty string, or a chat as a list of {"role", "content"} messages
                    (system prompt included), which always goes through the tokenizer's chat
                    template. Its other columns reach the reward functions as `fields`.
-  eval_path        eval file(s), same forms; empty: the task's eval split if no `path`, else none.
+  eval_path        eval file(s), same forms; empty: the task's eval split if no `path`, else a
+                   held-out split of `path` (see eval_size).
   prompt_field     name of the prompt column.
   max_prompt_len   prompts longer than this (in tokens, after the chat template and bos) are
   overlong         "drop"ped, "truncate"d to their last `max_prompt_len` tokens, or an "error".
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import logging
 import math
 from typing import Any, Callable, Mapping, Sequence
@@ -353,6 +357,21 @@ def _subset(data: _Tokenized, indices: np.ndarray) -> _Tokenized:
     return _Tokenized(records, [data.ids[i] for i in pick], data.dropped, data.truncated)
 
 
+def _held_out(n: int, settings: _Settings) -> np.ndarray:
+    """Indices of a training file's records held out for evaluation when no eval_path is set:
+    min(eval_size, n // 10) of them, chosen by eval_seed (the same set in every run and process)."""
+    count = min(settings.eval_size, n // 10)
+    return np.sort(np.random.default_rng(settings.eval_seed).permutation(n)[:count])
+
+
+def _file_split(settings: _Settings, tokenizer: Any, split: str) -> _Tokenized:
+    """A training file's records without (split="train") or only (split="eval") the held-out ones."""
+    tokenized = _tokenize(file_records(settings.path, settings.prompt_field), tokenizer, settings)
+    held = _held_out(len(tokenized.ids), settings)
+    keep = held if split == "eval" else np.setdiff1d(np.arange(len(tokenized.ids)), held)
+    return _subset(tokenized, keep)
+
+
 def _local_batch_size(batch_size: int, process_count: int, name: str) -> int:
     if batch_size < 1 or batch_size % process_count:
         raise ValueError(
@@ -442,22 +461,26 @@ def make_prompt_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    hold_out: bool = False,
 ) -> PromptDataset:
     """The training prompt stream for this host.
 
     prompts_per_step: prompts per step over ALL hosts; each host gets an equal share of the
       batch and a disjoint, equal-sized share of the records (see `_host_indices`).
     seed: seeds the task's train records and the shuffle.
+    hold_out: with a training file and no eval_path, leave out the records `eval_batches`
+      evaluates on (min(eval_size, 10%)).
     """
     settings = _read_settings(cfg_data)
     local = _local_batch_size(prompts_per_step, process_count, "prompts_per_step")
     task = None
-    if settings.path:
-        records = file_records(settings.path, settings.prompt_field)
+    if settings.path and hold_out and not settings.eval_path:
+        tokenized = _file_split(settings, tokenizer, "train")
+    elif settings.path:
+        tokenized = _tokenize(file_records(settings.path, settings.prompt_field), tokenizer, settings)
     else:
         task = tasks.get_task(settings.task, **settings.task_kwargs)
-        records = task_records(task, "train", seed, settings.train_size)
-    tokenized = _tokenize(records, tokenizer, settings)
+        tokenized = _tokenize(task_records(task, "train", seed, settings.train_size), tokenizer, settings)
     columns = tokenized.records.columns()
     mine = _subset(tokenized, _host_indices(len(tokenized.ids), process_index, process_count, "training"))
     return PromptDataset(
@@ -466,25 +489,35 @@ def make_prompt_dataset(
 
 
 def eval_batches(
-    cfg_data: Any, tokenizer: Any, *, batch_size: int, process_index: int = 0, process_count: int = 1
+    cfg_data: Any,
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    hold_out: bool = False,
 ) -> list[PromptBatch]:
     """This host's share of the fixed eval set as batches, padded like training batches.
 
     The eval set is `data.eval_path` if set, else the task's eval split when the run trains on a
-    task, else empty ([]). batch_size counts prompts over all hosts. Every host returns the same
+    task, else (hold_out) the records of the training file that `make_prompt_dataset(hold_out=True)`
+    leaves out, else empty ([]). batch_size counts prompts over all hosts. Every host returns the same
     number of batches of batch_size / process_count rows; rows past the end of the set repeat
     a real record and are marked `valid=False`, so shapes stay fixed and nothing is counted twice.
     """
     settings = _read_settings(cfg_data)
     local = _local_batch_size(batch_size, process_count, "eval batch_size")
     if settings.eval_path:
-        records = file_records(settings.eval_path, settings.prompt_field)
+        tokenized = _tokenize(file_records(settings.eval_path, settings.prompt_field), tokenizer, settings)
     elif not settings.path:
         task = tasks.get_task(settings.task, **settings.task_kwargs)
-        records = task_records(task, "eval", settings.eval_seed, settings.eval_size)
+        tokenized = _tokenize(task_records(task, "eval", settings.eval_seed, settings.eval_size), tokenizer, settings)
+    elif hold_out:
+        tokenized = _file_split(settings, tokenizer, "eval")
+        if not tokenized.ids:
+            return []  # a file of under 10 records holds nothing out
     else:
         return []
-    tokenized = _tokenize(records, tokenizer, settings)
     total = len(tokenized.ids)
     if total < process_count:
         raise ValueError(f"{total} eval records cannot be shared by {process_count} hosts.")
@@ -506,3 +539,25 @@ def eval_batches(
         )
         for b in range(num_batches)
     ]
+
+
+def config_errors(cfg_data: Any) -> list[str]:
+    """Problems with the `data.*` keys: values, and the task or files the run reads (not their records)."""
+    try:
+        settings = _read_settings(cfg_data)
+    except ValueError as e:
+        return [f"--config.data: {e}"]
+    if not settings.path:
+        if settings.task in tasks.TASKS:
+            return []
+        return [
+            f"--config.data.task: {settings.task!r}: set data.task to a built-in task {sorted(tasks.TASKS)} "
+            "or data.path to a JSONL/Parquet file"
+        ]
+    errors = []
+    for key, value in (("path", settings.path), ("eval_path", settings.eval_path)):
+        patterns = value.split(",") if isinstance(value, str) else list(value)
+        missing = [p for p in patterns if p.strip() and not glob.glob(p.strip())]
+        if missing:
+            errors.append(f"--config.data.{key}: no file matches {missing}")
+    return errors

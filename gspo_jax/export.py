@@ -7,10 +7,8 @@ transformers.AutoModelForCausalLM / AutoTokenizer.
 
 from __future__ import annotations
 
-import json
-import os
+import sys
 
-import jax
 import ml_collections
 from absl import app, flags
 from flax import nnx
@@ -26,47 +24,31 @@ def define_flags() -> None:
     flags.DEFINE_string("dtype", None, "Weight dtype on disk (default: the run's param_dtype).")
 
 
-def run_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
-    """The config a run saved with its checkpoint."""
-    from gspo_jax.checkpoint import CHECKPOINT_DIR
-
-    root = os.path.join(workdir, CHECKPOINT_DIR)
-    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints in {root}: run training first or check --workdir")
-    chosen = step if step is not None else steps[-1]
-    with open(os.path.join(root, str(chosen), "config", "metadata")) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None):
-    """Restores the policy parameters of `workdir`'s checkpoint and writes an HF directory."""
+def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None) -> int:
+    """Writes the policy of `workdir`'s checkpoint `step` (default: the newest) and the run's tokenizer
+    as an HF directory; returns the step written. A missing step raises, listing the steps that exist."""
     from gspo_jax import checkpoint, sharding
     from gspo_jax.models.hf import save_pretrained
-    from gspo_jax.policy import abstract_train_state, model_config
+    from gspo_jax.policy import abstract_train_state
     from gspo_jax.tokenizer import load_tokenizer
 
-    cfg = run_config(workdir, step)
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert, cfg.mesh.tensor = -1, 1, 1, 1
-    mesh = sharding.make_mesh(cfg.mesh)
-    target, graphdef = abstract_train_state(cfg, mesh)
-    resume = os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(step)) if step is not None else "auto"
-    restored = checkpoint.Checkpointer(workdir, async_save=False).restore(target, None, resume=resume)
-    if restored is None:
-        raise FileNotFoundError(f"no readable checkpoint in {workdir}")
-    state, _, restored_step = restored
-    model = nnx.merge(graphdef, state["train"].params)
-    save_pretrained(model, out_dir, dtype=dtype)
-    if jax.process_index() == 0:
-        load_tokenizer(cfg.model.hf_path or None).save_pretrained(out_dir)
-    mcfg = model_config(cfg)
-    return restored_step, mcfg
+    with checkpoint.Checkpointer(workdir, async_save=False) as ckpt:
+        cfg = ml_collections.ConfigDict(ckpt.read_config(step))
+        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert, cfg.mesh.tensor = -1, 1, 1, 1
+        target, graphdef = abstract_train_state(cfg, sharding.make_mesh(cfg.mesh))
+        tree, _, restored_step = ckpt.read(target, step)
+    tokenizer = load_tokenizer(cfg.model.hf_path or None)
+    save_pretrained(nnx.merge(graphdef, tree["train"].params), out_dir, dtype=dtype, tokenizer=tokenizer)
+    return restored_step
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
-    step, _ = export_checkpoint(f.workdir, f.to_hf, step=f.step, dtype=f.dtype)
+    try:
+        step = export_checkpoint(f.workdir, f.to_hf, step=f.step, dtype=f.dtype)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
     print(f"exported step {step} of {f.workdir} to {f.to_hf}")
 
 

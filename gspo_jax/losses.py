@@ -397,3 +397,21 @@ def policy_loss(
         metrics["kl_ref"] = kl_ref
     metrics = {k: jax.lax.stop_gradient(v.astype(jnp.float32)) for k, v in metrics.items()}
     return loss, metrics
+
+
+def config_errors(algo) -> list[str]:
+    """Problems with the `algo.*` keys of the objective, checked against this module's registries."""
+    errors = []
+    for key, value, registry in (
+        ("importance_sampling_level", algo.importance_sampling_level, POLICY_OBJECTIVES),
+        ("aggregation", algo.aggregation, AGGREGATIONS),
+        ("advantage_scale", algo.advantage_scale, ADVANTAGE_SCALES),
+    ):
+        if value not in registry:
+            errors.append(f"--config.algo.{key}: {value!r}: use one of {sorted(registry)}")
+    for key in ("eps_low", "eps_high"):
+        if algo[key] is not None and algo[key] < 0:
+            errors.append(f"--config.algo.{key}: must be >= 0, got {algo[key]}")
+    if algo.beta < 0:
+        errors.append(f"--config.algo.beta: must be >= 0, got {algo.beta}")
+    return errors

@@ -45,6 +45,26 @@ DEFAULT_POSTFIX: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
+# Metrics a run logs that can rank checkpoints (checkpoint.keep_best_by), with the better direction.
+RANKABLE = {
+    "eval/accuracy": "max",
+    "eval/reward/mean": "max",
+    "reward/mean": "max",
+    "loss": "min",
+    "kl": "min",
+    "kl_ref": "min",
+    "entropy": "max",
+    "frac_reward_zero_std": "min",
+}
+
+
+def rankable_metrics(reward_names: Sequence[str], with_eval: bool) -> dict[str, str]:
+    """{metric: "max" | "min"} of the rankable metrics this run logs: RANKABLE, the per-function
+    reward means, and the eval metrics only when evaluation runs."""
+    names = {k: v for k, v in RANKABLE.items() if with_eval or not k.startswith("eval/")}
+    names.update({f"reward/{name}/mean": "max" for name in reward_names})
+    return names
+
 
 def is_rl_phase(phase: str | None) -> bool:
     """Whether a line with this phase belongs to the RL run (no phase counts as RL)."""
@@ -168,8 +188,9 @@ class MetricsWriter:
     """Writes metrics and samples to JSON lines and TensorBoard; shows RL progress on the console.
 
     Console: on a TTY, one tqdm bar over RL steps with ETA and the main metrics as postfix.
-    Otherwise (CI logs) no bar: one compact summary line every `summary_every` RL steps and at
-    the last step. `log(msg)` prints a line above the bar.
+    Otherwise (CI logs) no bar: one compact summary line for the first RL step as soon as it ends,
+    then every `summary_every` RL steps and at the last step. ETAs use the pace of the steps after
+    the first, which includes compilation. `log(msg)` prints a line above the bar.
     """
 
     def __init__(
@@ -215,6 +236,7 @@ class MetricsWriter:
             self._bar.close()
             self._bar = None
         self._progress_start = (step, time.monotonic())
+        self._rate_start: tuple[int, float] | None = None  # (step, time) the first step ended: ETA base
         self._step = step
         self._last_summary_step = step
         if self._console and self._stream.isatty():
@@ -237,28 +259,42 @@ class MetricsWriter:
                 parts.append(f"{label} {_format_number(value)}")
         return sep.join(parts)
 
+    def _eta_seconds(self) -> float | None:
+        """Remaining time at the pace of the steps after the first (which includes compilation)."""
+        if self._rate_start is None or self._step <= self._rate_start[0] or self._step >= self.total_steps:
+            return None
+        rate_step, rate_time = self._rate_start
+        return (time.monotonic() - rate_time) / (self._step - rate_step) * (self.total_steps - self._step)
+
     def _summary_line(self) -> str:
-        first_step, start_time = self._progress_start
-        elapsed = time.monotonic() - start_time
-        done = self._step - first_step
+        elapsed = time.monotonic() - self._progress_start[1]
         line = f"step {self._step}/{self.total_steps}"
         postfix = self._postfix_text(" | ")
         if postfix:
             line += " | " + postfix
         line += f" | elapsed {_format_seconds(elapsed)}"
-        if done > 0 and self._step < self.total_steps:
-            line += f" | eta {_format_seconds(elapsed / done * (self.total_steps - self._step))}"
+        eta = self._eta_seconds()
+        if eta is not None:
+            line += f" | eta {_format_seconds(eta)}"
+        elif self._rate_start is not None and self._step == self._rate_start[0] and self._step < self.total_steps:
+            line += " | first step (includes compilation)"
         return line
 
     def _update_console(self, step: int, values: Mapping[str, Any]) -> None:
         self._latest.update(values)
+        first = self._rate_start is None and step > self._progress_start[0]
         self._step = max(self._step, step)
+        if first:
+            self._rate_start = (self._step, time.monotonic())
         if self._bar is not None:
+            if first:  # tqdm's rate and ETA then count from the end of the first (compiling) step
+                self._bar.update(self._step - self._bar.n)
+                self._bar.initial, self._bar.start_t = self._bar.n, self._bar._time()
             if self._step > self._bar.n:
                 self._bar.update(self._step - self._bar.n)
             self._bar.set_postfix_str(self._postfix_text(", "), refresh=True)
             return
-        due = self._step - self._last_summary_step >= self._summary_every
+        due = first or self._step // self._summary_every > self._last_summary_step // self._summary_every
         if due or (self._step == self.total_steps and self._last_summary_step != self._step):
             self._last_summary_step = self._step
             print(self._summary_line(), file=self._stream, flush=True)
@@ -350,7 +386,7 @@ class MetricsWriter:
                     self._tb_writers.pop(phase).close()
                 self._tb_purge_step[phase] = step + 1
         self._latest.clear()
-        self._start_progress(step)
+        self._start_progress(max(step, 0))
 
     def _rewrite_kept(self, handle: TextIO, name: str, step: int, keep_phases: set[str]) -> TextIO:
         handle.close()

@@ -71,7 +71,7 @@ def total_updates(cfg) -> int:
 
 
 def abstract_train_state(cfg, mesh):
-    """({"train": TrainState, "rng": key} of ShapeDtypeStructs with shardings, graphdef); allocates nothing.
+    """({"train": TrainState, "rng": key[, "ref": params]} of ShapeDtypeStructs with shardings, graphdef); allocates nothing.
 
     The restore target for tools that only read a run's checkpoint (export)."""
     graphdef, abstract = abstract_model(model_config(cfg))
@@ -88,4 +88,7 @@ def abstract_train_state(cfg, mesh):
     )
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
     rng = jax.eval_shape(lambda: jax.random.key(0))
-    return {"train": TrainState(params=params, opt_state=opt_state, step=step), "rng": rng}, graphdef
+    tree = {"train": TrainState(params=params, opt_state=opt_state, step=step), "rng": rng}
+    if cfg.algo.beta > 0:
+        tree["ref"] = params  # the KL reference (the policy RL started from)
+    return tree, graphdef

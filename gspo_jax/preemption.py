@@ -22,7 +22,7 @@ class PreemptionGuard:
             for step in ...:
                 train_step()
                 if guard.should_stop(step):
-                    checkpointer.save(step, ..., force=True); checkpointer.wait(); break
+                    checkpointer.save(step, ...); checkpointer.wait(); break
 
     SIGTERM or the first SIGINT set `requested`. A second SIGINT only repeats that the run stops
     after the checkpoint (so an impatient Ctrl-C does not lose the save); a third raises

@@ -414,3 +414,12 @@ class RewardSet:
                     f"for {sample(i)}"
                 )
         return column
+
+
+def config_errors(reward_cfg) -> list[str]:
+    """Problems with the `reward.*` keys (functions resolvable, one finite weight each)."""
+    try:
+        RewardSet.from_config(reward_cfg.fns, reward_cfg.weights or None, reward_cfg.get("fn_kwargs"))
+    except (ValueError, ImportError) as e:
+        return [f"--config.reward.fns / reward.weights / reward.fn_kwargs: {e}"]
+    return []

@@ -128,6 +128,11 @@ def host_to_global(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, np.asarray(local))
 
 
+def place_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
+    """This process's rows [n, ...] -> the global batch array, rows split over BATCH_AXES."""
+    return host_to_global(local, batch_sharding(mesh, np.ndim(local)))
+
+
 def global_to_host(x: jax.Array, mesh: Mesh) -> np.ndarray:
     """This process's rows of a batch-sharded global array (the inverse of host_to_global)."""
     if x.is_fully_addressable:
@@ -171,3 +176,20 @@ def all_processes_agree(ok: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def config_errors(mesh_cfg, batch_sizes: dict[str, int], num_devices: int | None = None) -> list[str]:
+    """Problems with the `mesh.*` keys: the axis sizes fit the devices, and every global batch size
+    (config key -> rows) splits evenly over the batch shards."""
+    try:
+        devices = num_devices or len(mesh_devices(mesh_cfg))
+        shape = dict(zip(MESH_AXES, mesh_shape(mesh_cfg, devices)))
+    except ValueError as e:
+        return [f"--config.mesh: {e}"]
+    ways = math.prod(shape[a] for a in BATCH_AXES)
+    return [
+        f"--config.{key}: {rows} rows cannot be split over {ways} batch shards "
+        f"(mesh data x fsdp x expert = {ways}); use a multiple of {ways}"
+        for key, rows in batch_sizes.items()
+        if rows % ways
+    ]

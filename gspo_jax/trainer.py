@@ -1,33 +1,36 @@
-"""The GSPO RL loop: rollout -> reward -> group advantage -> minibatch updates -> sync -> log / checkpoint.
+"""The run loop of a GSPO training run: resume, warm start, RL steps, evaluation cadence, checkpoints, logging.
 
-Owns the run and calls downward only: data (prompts), sampler (completions from the frozen old policy),
-rewards (host Python), losses.group_advantages, the jitted scoring and update phases (update.py),
-checkpoint and metrics. Every array is placed on the mesh built from `mesh.*`; a one-device mesh is
-the same code path as a pod slice.
+(train.py is the command line and the Python entry point `run(cfg)`; rl_step.py is one RL step as a
+function; update.py holds its jitted scoring and update phases.) The loop owns every side effect:
+reading the prompt stream, writing metrics, samples and checkpoints. Every array is placed on the
+mesh built from `mesh.*`; a one-device mesh is the same code path as a pod slice.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
+import json
+import math
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from gspo_jax import checkpoint as ckpt
-from gspo_jax import losses, metrics, rollout, sharding
+from gspo_jax import losses, metrics, sharding
 from gspo_jax.data import eval_batches, make_prompt_dataset, prompt_encoder
 from gspo_jax.evaluation import evaluate
-from gspo_jax.optim import make_optimizer
 from gspo_jax.plots import plot_metrics
-from gspo_jax.policy import build_policy, total_updates
+from gspo_jax.policy import build_policy
 from gspo_jax.preemption import PreemptionGuard
 from gspo_jax.rewards import RewardSet
+from gspo_jax.rl_step import RLStep
 from gspo_jax.sampler import Sampler
 from gspo_jax.tokenizer import eos_token_ids, load_tokenizer
-from gspo_jax.update import RolloutBatch, TrainState, UpdateSettings, make_score_fn, make_train_fn
+from gspo_jax.update import TrainState
 from gspo_jax.warmstart import build_supervised_set, run_warmstart
 
 
@@ -35,8 +38,26 @@ class TrainingStopped(RuntimeError):
     """The run stopped on purpose (too many non-finite updates); the last good checkpoint is intact."""
 
 
-def _cast_params(params, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype), params)
+def config_errors(cfg) -> list[str]:
+    """Problems with the keys the run loop reads (steps, workdir, resume, eval, warmstart, log)."""
+    checks = (
+        (cfg.steps >= 1, "steps", f"must be >= 1, got {cfg.steps}"),
+        (bool(cfg.workdir), "workdir", "must name a directory for checkpoints and metrics"),
+        (
+            cfg.resume in ("auto", "never") or os.path.exists(str(cfg.resume)),
+            "resume",
+            f"{cfg.resume!r} is neither auto, never, nor an existing checkpoint path",
+        ),
+        (cfg.eval.every >= 0, "eval.every", "must be >= 0 (0 = off)"),
+        (cfg.warmstart.steps >= 0, "warmstart.steps", "must be >= 0 (0 = off)"),
+        (
+            not (cfg.warmstart.steps and cfg.data.path),
+            "warmstart.steps",
+            "a supervised warm start needs a built-in task; set it to 0 when training on data.path",
+        ),
+        (cfg.log.console_every >= 1, "log.console_every", "must be >= 1"),
+    )
+    return [f"--config.{key}: {problem}" for ok, key, problem in checks if not ok]
 
 
 class Trainer:
@@ -45,8 +66,6 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.mesh = sharding.make_mesh(cfg.mesh)
-        self.batch_rows = sharding.batch_sharding(self.mesh, 2)
-        self.batch_vec = sharding.batch_sharding(self.mesh, 1)
         self.tokenizer = load_tokenizer(cfg.model.hf_path or None)
         self.stop_ids = eos_token_ids(self.tokenizer, cfg.model.hf_path or None)
         self.pad_id = self.tokenizer.pad_token_id
@@ -56,7 +75,6 @@ class Trainer:
                 f"tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is "
                 f"{self.policy.config.vocab_size}: use the model's own tokenizer"
             )
-        self.group = cfg.rollout.group_size
         self.data = make_prompt_dataset(
             cfg.data,
             self.tokenizer,
@@ -64,6 +82,7 @@ class Trainer:
             seed=cfg.seed,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            hold_out=cfg.eval.every > 0,
         )
         self.rewards = RewardSet.from_reward_config(cfg.reward)
         self.rewards.check_columns(self.data.columns)
@@ -73,36 +92,9 @@ class Trainer:
             batch_size=cfg.eval.batch_size,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            hold_out=cfg.eval.every > 0,
         )
-        self.optimizer = make_optimizer(cfg.optim, total_updates(cfg))
-        aux_coef = cfg.model.aux_loss_coef
-        self.settings = UpdateSettings(
-            level=cfg.algo.importance_sampling_level,
-            eps_low=cfg.algo.eps_low,
-            eps_high=cfg.algo.eps_high,
-            aggregation=cfg.algo.aggregation,
-            beta=cfg.algo.beta,
-            aux_loss_coef=self.policy.config.router_aux_loss_coef if aux_coef is None else aux_coef,
-            temperature=cfg.rollout.temperature or 1.0,
-            logprob_chunk=cfg.model.logprob_chunk,
-            minibatches=cfg.algo.minibatches,
-            iterations=cfg.algo.iterations,
-        )
-        self.train_fn = make_train_fn(self.policy.graphdef, self.optimizer, self.settings)
-        self.score_fn = make_score_fn(self.policy.graphdef, self.settings)
-        self.rollout_dtype = jnp.dtype(cfg.model.rollout_dtype or cfg.model.param_dtype)
-        self.cast_for_rollout = jax.jit(lambda p: _cast_params(p, self.rollout_dtype))
-        self.sampler = Sampler(
-            self.policy.graphdef,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            num_samples=self.group,
-            temperature=cfg.rollout.temperature,
-            top_k=cfg.rollout.top_k,
-            top_p=cfg.rollout.top_p,
-            stop_ids=self.stop_ids,
-            pad_id=self.pad_id,
-            cache_dtype=cfg.rollout.cache_dtype or None,
-        )
+        self.rl = RLStep(cfg, self.policy, self.mesh, self.tokenizer, self.rewards, self.stop_ids)
         self.eval_sampler = Sampler(
             self.policy.graphdef,
             max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
@@ -112,9 +104,8 @@ class Trainer:
             pad_id=self.pad_id,
             cache_dtype=cfg.rollout.cache_dtype or None,
         )
+        # The KL reference is the policy RL starts from (after any warm start); set in _loop.
         self.ref_params = None
-        if cfg.algo.beta > 0:
-            self.ref_params = jax.tree.map(jnp.copy, self.policy.params)
         self.writer = metrics.MetricsWriter(
             cfg.workdir,
             total_steps=cfg.steps,
@@ -126,6 +117,7 @@ class Trainer:
             cfg.workdir,
             keep=cfg.checkpoint.keep,
             keep_best_by=cfg.checkpoint.keep_best_by or None,
+            best_mode=ckpt.best_mode(cfg),
             async_save=cfg.checkpoint.async_save,
         )
         self.base_key = jax.jit(
@@ -134,32 +126,29 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.warned_sampler_gap = False
 
-    # ---- placement helpers ----
-
-    def _rows(self, host: np.ndarray) -> jax.Array:
-        return sharding.host_to_global(host, self.batch_rows if host.ndim == 2 else self.batch_vec)
-
-    def _host(self, x: jax.Array) -> np.ndarray:
-        return sharding.global_to_host(x, self.mesh)
+    def _rows(self, host):
+        return sharding.place_batch(host, self.mesh)
 
     # ---- phases ----
 
     def initial_state(self) -> TrainState:
         params = self.policy.params
         state = TrainState(
-            params=params, opt_state=jax.jit(self.optimizer.init)(params), step=jnp.zeros((), jnp.int32)
+            params=params, opt_state=jax.jit(self.rl.optimizer.init)(params), step=jnp.zeros((), jnp.int32)
         )
         return sharding.commit_to_mesh(state, self.mesh)
 
     def greedy_eval(self, params) -> dict[str, float]:
-        rollout_params = self.cast_for_rollout(params)
+        rollout_params = self.rl.cast_for_rollout(params)
         is_correct = self.data.task.is_correct if self.data.task is not None else None
 
         def generate(batch):
             out = self.eval_sampler(
                 rollout_params, self._rows(batch.prompt_ids), self._rows(batch.prompt_mask), jax.random.key(0)
             )
-            return self._host(out.completion_ids), self._host(out.completion_mask)
+            return sharding.global_to_host(out.completion_ids, self.mesh), sharding.global_to_host(
+                out.completion_mask, self.mesh
+            )
 
         return evaluate(
             generate,
@@ -209,86 +198,21 @@ class Trainer:
         return dataclasses.replace(state, params=params)
 
     def rl_step(self, state: TrainState, step: int) -> tuple[TrainState, dict[str, Any]]:
+        """Runs step `step` on the next prompt batch; writes its samples when due."""
+        key = jax.random.fold_in(self.base_key, step)
+        state, result = self.rl(state, next(self.data), self.ref_params, key)
+        row = result.metrics | self.data.metrics()
+        self._count_nonfinite(result.update_skipped, step)
         cfg = self.cfg
-        t_start = time.perf_counter()
-        batch = next(self.data)
-        sample_key, train_key = jax.random.split(jax.random.fold_in(self.base_key, step))
-        prompt_ids, prompt_mask = self._rows(batch.prompt_ids), self._rows(batch.prompt_mask)
-        out = self.sampler(self.cast_for_rollout(state.params), prompt_ids, prompt_mask, sample_key)
-        ids, mask = self._host(out.completion_ids), self._host(out.completion_mask)
-        t_rollout = time.perf_counter()
-
-        scored = rollout.score_rollout(
-            self.tokenizer, self.rewards, batch.prompts, batch.fields, self.group, ids, mask, self.stop_ids
-        )
-        # Rewards of this host's rows -> one global array (groups never straddle hosts: rows are prompt-major).
-        advantages, adv_metrics = losses.group_advantages(
-            self._rows(scored.rewards), self.group, scale=cfg.algo.advantage_scale
-        )
-        t_reward = time.perf_counter()
-
-        width = rollout.completion_bucket(int(scored.lengths.max()), cfg.rollout.max_new_tokens)
-        completion_ids = out.completion_ids[:, :width]
-        completion_mask = out.completion_mask[:, :width].astype(jnp.float32)
-        tokens = jnp.concatenate([jnp.repeat(prompt_ids, self.group, axis=0), completion_ids], axis=1)
-        valid = jnp.concatenate(
-            [jnp.repeat(prompt_mask, self.group, axis=0), out.completion_mask[:, :width]], axis=1
-        ).astype(bool)
-        sampler_logp = out.logprobs[:, :width]
-        if cfg.algo.old_logprobs == "trainer":
-            old_logp = self.score_fn(state.params, tokens, valid, completion_mask)
-        else:
-            old_logp = sampler_logp
-        ref_logp = (
-            self.score_fn(self.ref_params, tokens, valid, completion_mask)
-            if self.ref_params is not None
-            else jnp.zeros_like(sampler_logp)
-        )
-        rollout_batch = RolloutBatch(
-            tokens=tokens,
-            valid=valid,
-            completion_mask=completion_mask,
-            advantages=advantages,
-            old_logp=old_logp,
-            sampler_logp=sampler_logp,
-            ref_logp=ref_logp,
-        )
-        state, update_metrics = self.train_fn(state, rollout_batch, train_key)
-        update_metrics = jax.device_get(update_metrics)
-        t_end = time.perf_counter()
-
-        generated = float(scored.lengths.sum())
-        row = scored.metrics()
-        row.update(
-            {
-                (k if k == "frac_reward_zero_std" or k.startswith("reward/") else f"rollout/{k}"): float(v)
-                for k, v in jax.device_get(adv_metrics).items()
-            }
-        )
-        row.update(summarize_updates(update_metrics))
-        row.update(
-            {
-                "tokens_per_s": generated / (t_end - t_start),
-                "rollout/tokens_per_s": generated / (t_rollout - t_start),
-                "step_time_s": t_end - t_start,
-                "time/rollout_s": t_rollout - t_start,
-                "time/reward_s": t_reward - t_rollout,
-                "time/update_s": t_end - t_reward,
-                "train/completion_bucket": float(width),
-            }
-        )
-        row.update(self.data.metrics())
-        self._count_nonfinite(update_metrics, step)
         warning = sampler_gap_warning(row["logprob_gap/seq_abs"], cfg.algo)
         if warning and not self.warned_sampler_gap:  # once per run
             self.warned_sampler_gap = True
             self.writer.log(warning)
-        if cfg.log.samples_every and step % cfg.log.samples_every == 0:
-            self.writer.write_samples(step, scored.samples(cfg.log.num_samples))
+        if cfg.log.samples_every and (step % cfg.log.samples_every == 0 or step == cfg.steps):
+            self.writer.write_samples(step, result.scored.samples(cfg.log.num_samples))
         return state, row
 
-    def _count_nonfinite(self, update_metrics, step: int):
-        skipped = np.asarray(update_metrics["update_skipped"]).reshape(-1)
+    def _count_nonfinite(self, skipped, step: int):
         for s in skipped:
             self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if s else 0
         if skipped.any():
@@ -305,15 +229,21 @@ class Trainer:
 
     # ---- the run ----
 
-    def _save(self, state: TrainState, step: int, meta: dict, row: dict | None = None, force: bool = False):
+    def _checkpoint_tree(self, state: TrainState, ref_params) -> dict[str, Any]:
+        """What a checkpoint holds; the KL reference too when beta > 0, so a resumed run keeps it."""
+        tree = {"train": state, "rng": self.base_key}
+        if self.cfg.algo.beta > 0:
+            tree["ref"] = ref_params
+        return tree
+
+    def _save(self, state: TrainState, step: int, meta: dict, row: dict | None = None):
         self.checkpointer.save(
             step,
-            {"train": state, "rng": self.base_key},
+            self._checkpoint_tree(state, self.ref_params),
             self.data.iterator,
             self.cfg.to_dict(),
             meta,
             metrics=row,
-            force=force,
         )
 
     def run(self) -> dict[str, Any]:
@@ -329,17 +259,42 @@ class Trainer:
             plot_metrics(self.cfg.workdir)
         return last
 
+    def _startup_summary(self) -> None:
+        cfg, devices = self.cfg, self.mesh.devices.reshape(-1)
+        total, active = parameter_counts(self.policy.params, self.policy.config.num_experts_per_tok)
+        self.writer.log(
+            f"devices: {len(devices)} x {devices[0].platform} in {jax.process_count()} process(es); "
+            f"mesh {dict(self.mesh.shape)}"
+        )
+        self.writer.log(f"policy: {total:,} parameters, {active:,} active per token ({cfg.model.hf_path or cfg.model.preset})")
+        eval_count = int(sharding.sum_over_hosts(sum(int(np.sum(b.valid)) for b in self.eval_set)))
+        train_count = self.data.num_records * jax.process_count()
+        held_out = cfg.data.path and not cfg.data.eval_path and eval_count
+        self.writer.log(
+            f"records: {train_count:,} train, {eval_count:,} eval"
+            + (" (held out of data.path: min(data.eval_size, 10%); set data.eval_path to use a file)" if held_out else "")
+        )
+        if not cfg.eval.every:
+            self.writer.log("evaluation: off (eval.every=0)")
+        elif not eval_count:
+            self.writer.log("evaluation: off: no eval records (set data.eval_path, or use a training file of >= 10 records)")
+
     def _loop(self, guard) -> dict[str, Any]:
         cfg = self.cfg
+        self._startup_summary()
         state = self.initial_state()
         restored = self.checkpointer.restore(
-            {"train": state, "rng": self.base_key}, self.data.iterator, resume=cfg.resume
+            self._checkpoint_tree(state, state.params), self.data.iterator, resume=cfg.resume
         )
         start, meta = 0, {"warmstart_done": False}
         if restored is not None:
             tree, meta, start = restored
             state, self.base_key = tree["train"], tree["rng"]
+            self.ref_params = tree.get("ref")
             self.writer.log(f"resumed from step {start} in {cfg.workdir}")
+            changes = config_changes(self.checkpointer.restored_config, cfg.to_dict())
+            if changes:
+                self.writer.log(f"config changed since step {start} (old -> new): " + "; ".join(changes))
         # Lines of steps after the checkpoint are redone and logged again; a fresh run starts clean.
         self.writer.truncate_after(
             start if restored is not None else -1,
@@ -347,13 +302,19 @@ class Trainer:
         )
         if cfg.warmstart.steps > 0 and not meta.get("warmstart_done"):
             state = self.warm_start(state)
+        if cfg.algo.beta > 0 and self.ref_params is None:
+            self.ref_params = jax.tree.map(jnp.copy, state.params)
         meta = {"warmstart_done": True}
         last: dict[str, Any] = {}
+        if start >= cfg.steps:
+            self.writer.log(f"already at step {start} of {cfg.steps}: nothing to do (raise --config.steps to train on)")
+            return last
         if start == 0:
             if cfg.eval.every:
                 last = self.greedy_eval(state.params)
                 self.writer.write(0, last)
             self._save(state, 0, meta, last)
+        self.writer.log("compiling the sampler, scoring and update steps (the first step includes it)")
         for step in range(start + 1, cfg.steps + 1):
             state, row = self.rl_step(state, step)
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.steps):
@@ -363,7 +324,7 @@ class Trainer:
             last = row
             stopping = guard.should_stop(step)
             if stopping or step % cfg.checkpoint.every == 0 or step == cfg.steps:
-                self._save(state, step, meta, row, force=stopping)
+                self._save(state, step, meta, row)
             if stopping:
                 self.writer.log(f"stop requested: saved step {step}; rerun the same command to resume")
                 break
@@ -383,20 +344,34 @@ def sampler_gap_warning(seq_gap: float, algo) -> str | None:
     )
 
 
-def summarize_updates(m: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Means over all updates, plus per-minibatch-index series of the metrics that show off-policy drift."""
-    row: dict[str, Any] = {}
-    for key, value in m.items():
-        value = np.asarray(value)  # [iterations, minibatches, ...]
-        if key == "moe/expert_load":
-            row.update(metrics.expert_load_metrics(value.mean(axis=(0, 1))))
+def parameter_counts(params, experts_per_token: int) -> tuple[int, int]:
+    """(total, active per token): an array with an "expert" logical axis counts k/E of itself as active."""
+    total = active = 0
+    for _, variable in nnx.to_flat_state(params):
+        shape = variable.get_value().shape
+        size = math.prod(shape)
+        axes = variable.get_metadata().get("logical_axes") or ()
+        total += size
+        active += size
+        if "expert" in axes:
+            active -= size - size // shape[axes.index("expert")] * experts_per_token
+    return total, active
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
         else:
-            row[key] = float(value.mean())
-    # The first update's gap: the policy still equals the sampling policy, so only numerics differ.
-    for key in ("logprob_gap/token_abs", "logprob_gap/seq_abs"):
-        row[key] = float(np.asarray(m[key])[0, 0])
-    for key in ("log_ratio_seq/abs_mean", "clip_frac/seq", "clip_frac/token"):
-        if key in m:
-            per_mb = np.asarray(m[key]).mean(axis=0)
-            row.update({f"{key}/mb{i}": float(v) for i, v in enumerate(per_mb)})
-    return row
+            flat[prefix + key] = value
+    return flat
+
+
+def config_changes(saved: dict | None, current: dict) -> list[str]:
+    """'key: old -> new' for each config key whose value differs from the saved config (JSON-compared)."""
+    if saved is None:
+        return []
+    old = _flatten(saved)
+    new = _flatten(json.loads(json.dumps(current, default=str)))
+    return [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]

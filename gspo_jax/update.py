@@ -1,6 +1,7 @@
-"""The jitted phases of one RL step on the trainer side: scoring completions and the minibatch updates.
+"""The jitted phases of one RL step (rl_step.py calls them): scoring completions and the minibatch updates.
 
-A rollout batch holds B = N*G sequences laid out as [left-padded prompt (P) | completion (N_new)].
+A rollout batch holds B = N*G sequences laid out as [left-padded prompt (P) | completion (C)], T = P + C
+(shape letters: BUILD_NOTES.md, "Shapes").
 `score` computes per-token log-probs of the completions (old policy or reference); `train` runs
 `iterations` passes of `minibatches` AdamW updates of the policy loss in one compiled lax.scan, so one
 RL step costs one dispatch per phase and no host round trip.
@@ -24,7 +25,7 @@ from gspo_jax.models.moe import load_balancing_loss
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class RolloutBatch:
-    """tokens/valid: [B, P + N]; completion_mask, old_logp, sampler_logp, ref_logp: [B, N];
+    """tokens/valid: [B, T]; completion_mask, old_logp, sampler_logp, ref_logp: [B, C];
     advantages: [B] (one per sequence)."""
 
     tokens: jax.Array
@@ -72,7 +73,7 @@ def _minibatches(tree, num: int):
 
 
 def make_score_fn(graphdef, settings: UpdateSettings) -> Callable:
-    """jit(params, tokens, valid, completion_mask) -> log-probs [B, N], in minibatch-sized chunks."""
+    """jit(params, tokens, valid, completion_mask) -> log-probs [B, C], in minibatch-sized chunks."""
 
     def score(params, tokens, valid, completion_mask):
         model = nnx.merge(graphdef, params)
@@ -93,10 +94,6 @@ def make_score_fn(graphdef, settings: UpdateSettings) -> Callable:
         return logp.reshape(completion_mask.shape) * completion_mask
 
     return jax.jit(score)
-
-
-def _masked_mean(x, mask):
-    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def make_train_fn(graphdef, optimizer: optax.GradientTransformation, settings: UpdateSettings) -> Callable:
@@ -129,7 +126,7 @@ def make_train_fn(graphdef, optimizer: optax.GradientTransformation, settings: U
         aux = load_balancing_loss(stats)
         metrics = dict(metrics)
         metrics["moe/aux_loss"] = aux
-        metrics["entropy"] = _masked_mean(entropy, mask)
+        metrics["entropy"] = losses.token_mean(entropy, mask)
         metrics |= losses.logprob_gap_metrics(logp, mb.sampler_logp, mask)
         if stats:
             counts = jnp.stack([s.expert_counts for s in stats])

@@ -133,7 +133,7 @@ def test_restore_into_target_shardings_and_concrete_target(tmp_path):
     keys = jax.random.split(jax.random.key(3), 8)
     saved = {"w": put(w, P("data", "model")), "keys": put(keys, P("data"))}
     with C.Checkpointer(tmp_path) as ckpt:
-        ckpt.save(1, saved, None, CONFIG, {}, force=True)
+        ckpt.save(1, saved, None, CONFIG, {})
         ckpt.wait()
         other = {"w": NamedSharding(mesh, P("model", "data")), "keys": NamedSharding(mesh, P())}
         target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=other[k]) for k, v in saved.items()}
@@ -145,12 +145,12 @@ def test_restore_into_target_shardings_and_concrete_target(tmp_path):
 
 
 # ----- save policy ---------------------------------------------------------------------------
-def test_keep_n_and_save_every(tmp_path):
-    with C.Checkpointer(tmp_path, keep=2, save_every=2, async_save=False) as ckpt:
-        written = [ckpt.save(s, _state(s), _iterator(s), CONFIG, {}) for s in range(1, 8)]
-        assert written == [False, True, False, True, False, True, False]
-        assert ckpt.all_steps() == [4, 6]
-        assert ckpt.save(7, _state(7), _iterator(7), CONFIG, {}, force=True)
+def test_keep_n(tmp_path):
+    with C.Checkpointer(tmp_path, keep=2, async_save=False) as ckpt:
+        written = [ckpt.save(s, _state(s), _iterator(s), CONFIG, {}) for s in (2, 4, 6)]
+        assert written == [True, True, True] and ckpt.all_steps() == [4, 6]
+        assert not ckpt.save(6, _state(6), _iterator(6), CONFIG, {})  # saved already
+        assert ckpt.save(7, _state(7), _iterator(7), CONFIG, {})
         assert ckpt.all_steps() == [6, 7]
     assert _step_dirs(tmp_path) == ["6", "7"]
 
@@ -181,7 +181,7 @@ def test_async_save_is_complete_after_wait(tmp_path):
 def test_saving_older_step_than_latest_is_refused(tmp_path):
     with C.Checkpointer(tmp_path, async_save=False) as ckpt:
         _save(ckpt, 5)
-        assert not ckpt.save(5, _state(5), None, CONFIG, {}, force=True)
+        assert not ckpt.save(5, _state(5), None, CONFIG, {})
         with pytest.raises(ValueError, match="increasing step order"):
             _save(ckpt, 3)
 

@@ -36,5 +36,5 @@ def test_eval_passes_completion_ids_like_training():
     assert out["eval/reward/mean"] == 3.5
     assert out["eval/accuracy"] == 0.5
     # Training's scoring sees the same ids for the same rows.
-    scored = rollout.score_rollout(tok, reward_set, ["a", "b"], {}, 1, ids, mask, [STOP])
+    scored = rollout.score_rollout(tok, reward_set, batch, 1, ids, mask, [STOP])
     np.testing.assert_array_equal(scored.rewards, [3.0, 4.0])

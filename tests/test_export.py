@@ -83,3 +83,13 @@ def test_export_cli_writes_hf_dir_that_generates_like_jax(trained, tmp_path):
             generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
         hf_ids = generated[0, inputs["input_ids"].shape[1] :].tolist()
         assert [int(t) for t in jax_ids] == hf_ids, prompt
+
+
+def test_export_of_a_missing_step_lists_the_steps_that_exist(trained, tmp_path):
+    from gspo_jax.export import export_checkpoint
+
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 7 .*steps that exist: \[0, 1, 2\]"):
+        export_checkpoint(trained.workdir, str(tmp_path / "hf"), step=7)
+    assert not (tmp_path / "hf").exists()
+    assert export_checkpoint(trained.workdir, str(tmp_path / "hf1"), step=1) == 1  # an older step of the run
+    assert (tmp_path / "hf1" / "tokenizer.json").is_file()

@@ -156,10 +156,24 @@ def test_non_tty_console_prints_compact_summary_every_n_steps(tmp_path):
         w.write(9, {"loss": 1.0}, phase="warmstart")
     lines = out.getvalue().splitlines()
     assert lines[0] == "hello"
-    assert [line.split(" |")[0] for line in lines[1:]] == ["step 2/5", "step 4/5", "step 5/5"]
-    assert "reward 0.2 | loss 0.5 | clip/seq 0" in lines[1]
-    assert "acc 0.4" in lines[2] and "eta" in lines[2] and "eta" not in lines[3]
+    # The first step's line comes as soon as it ends, then every 2 steps and the last.
+    assert [line.split(" |")[0] for line in lines[1:]] == ["step 1/5", "step 2/5", "step 4/5", "step 5/5"]
+    assert "reward 0.1 | loss 0.5 | clip/seq 0" in lines[1] and "first step (includes compilation)" in lines[1]
+    assert "acc 0.4" in lines[3] and "eta" in lines[3] and "eta" not in lines[4]
     assert "\r" not in out.getvalue()
+
+
+def test_eta_excludes_the_first_steps_compilation(tmp_path, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(M.time, "monotonic", lambda: now[0])
+    out = io.StringIO()
+    with M.MetricsWriter(tmp_path, total_steps=10, summary_every=1, stream=out, enable_tensorboard=False) as w:
+        for step, ends_at in ((1, 100.0), (2, 101.0), (3, 102.0)):  # step 1 compiles for 100 s, then 1 s a step
+            now[0] = ends_at
+            w.write(step, {"loss": 1.0})
+    lines = out.getvalue().splitlines()
+    # After step 3: 2 s for 2 steps since step 1 ended, 7 steps left -> 7 s (100 s of compilation excluded).
+    assert lines[2].startswith("step 3/10") and "eta 0:00:07" in lines[2], lines
 
 
 def test_tty_console_uses_progress_bar_with_postfix(tmp_path):

@@ -216,23 +216,47 @@ def test_data_file_errors_name_file_and_line(tmp_path):
     assert not (tmp_path / "d" / "checkpoints").exists()
 
 
+def _restored_params(workdir, cfg, step):
+    from gspo_jax import checkpoint, sharding
+    from gspo_jax.policy import abstract_train_state
+
+    target, _ = abstract_train_state(cfg, sharding.make_mesh(cfg.mesh))
+    with checkpoint.Checkpointer(workdir, async_save=False) as ckpt:
+        tree, _, _ = ckpt.read(target, step)
+    return tree
+
+
 def test_reference_kl_and_grpo_level_run(tmp_path):
-    cfg = micro_config(
-        tmp_path / "kl",
-        **{
-            "algo.beta": 0.05,
-            "algo.importance_sampling_level": "sequence_token",
-            "warmstart.steps": 0,
-            "eval.every": 0,
-            "steps": 1,
-        },
-    )
+    """The KL reference is the policy RL starts from: after the warm start, and the same after a resume."""
+    workdir = tmp_path / "kl"
+    settings = {
+        "algo.beta": 0.05,
+        "algo.importance_sampling_level": "token",
+        "algo.minibatches": 1,  # one update per step: the first update is on-policy
+        "warmstart.steps": 4,
+        "warmstart.eval_every": 0,
+        "eval.every": 0,
+    }
+    cfg = micro_config(workdir, steps=1, **settings)
     validate_config(cfg)
     trainer = Trainer(cfg)
-    assert trainer.ref_params is not None
+    assert trainer.rl.settings.level == "token"
     trainer.run()
-    line = read_lines(tmp_path / "kl" / "metrics.jsonl")[-1]
-    assert "kl_ref" in line and np.isfinite(line["kl_ref"]) and line["kl_ref"] >= 0
+    line = read_lines(workdir / "metrics.jsonl")[-1]
+    # On-policy: pi_theta == pi_ref exactly when the reference is the post-warm-start policy (k3 = 0);
+    # a reference left at the random initialisation gave kl_ref ~1 here.
+    assert line["step"] == 1 and abs(line["kl_ref"]) < 1e-6, line["kl_ref"]
+    rl_start = _restored_params(workdir, cfg, 0)
+    for a, b in zip(jax.tree.leaves(rl_start["ref"]), jax.tree.leaves(rl_start["train"].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    resumed_cfg = micro_config(workdir, steps=2, **settings)
+    resumed = Trainer(resumed_cfg)
+    resumed.run()
+    for a, b in zip(jax.tree.leaves(resumed.ref_params), jax.tree.leaves(rl_start["train"].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    line = read_lines(workdir / "metrics.jsonl")[-1]
+    assert line["step"] == 2 and line["kl_ref"] > 1e-6  # the policy moved away from the reference
 
 
 @pytest.mark.parametrize("preset", ["qwen3_30b_a3b", "qwen1_5_moe_a2_7b"])
@@ -284,3 +308,113 @@ def test_jsonl_data_with_math_reward_and_eval_file(tmp_path):
     )
     evals = [l for l in lines if "eval/accuracy" in l]
     assert [l["step"] for l in evals] == [0, 2] and all(l["eval/num_prompts"] == 8 for l in evals)
+
+
+def _tiny_parameter_counts():
+    """(total, active) of the tiny preset from its dimensions (shared/QWEN_MOE.md layout)."""
+    d, vocab, layers, heads, kv, hd, experts, k, width = 128, 64, 2, 4, 2, 32, 8, 2, 128
+    attention = d * heads * hd * 2 + d * kv * hd * 2 + 2 * hd
+    per_layer_dense = 2 * d + attention + d * experts
+    expert = 3 * d * width
+    total = 2 * vocab * d + d + layers * (per_layer_dense + experts * expert)
+    return total, total - layers * (experts - k) * expert
+
+
+def test_python_api_console_samples_and_held_out_split(tmp_path, capsys):
+    """gspo_jax.train.run on a JSONL file without an eval file: a held-out split, the console, samples."""
+    from gspo_jax.data import eval_batches, make_prompt_dataset
+    from gspo_jax.tokenizer import builtin_tokenizer
+    from gspo_jax.train import run
+
+    rows = [(a, b) for a in range(8) for b in range(5)]  # 40 distinct prompts
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n" for a, b in rows))
+    settings = {
+        "data.path": str(train),
+        "data.task": "",
+        "warmstart.steps": 0,
+        "reward.fns": "math_answer,format",
+        "reward.weights": "1.0,0.1",
+        "log.samples_every": 5,  # not a divisor of steps: the last step writes samples anyway
+        "log.num_samples": 3,
+        "log.console_every": 10,
+    }
+    cfg = micro_config(tmp_path / "api", **settings)
+    final = run(cfg)
+    out = capsys.readouterr().out
+    lines = read_lines(tmp_path / "api" / "metrics.jsonl")
+    assert final["reward/mean"] == lines[-1]["reward/mean"] and final["eval/num_prompts"] == 4
+
+    # 40 records: min(data.eval_size=8, 10%) = 4 held out, disjoint from the 36 trained on.
+    assert "records: 36 train, 4 eval (held out of data.path" in out
+    tokenizer = builtin_tokenizer()
+    dataset = make_prompt_dataset(cfg.data, tokenizer, prompts_per_step=4, seed=0, hold_out=True)
+    trained = {p for _ in range(dataset.steps_per_epoch) for p in next(dataset).prompts}
+    held = {p for b in eval_batches(cfg.data, tokenizer, batch_size=8, hold_out=True) for p in b.prompts}
+    assert len(trained) == 36 and len(held) == 4 and not trained & held
+    assert [l["eval/num_prompts"] for l in lines if "eval/accuracy" in l] == [4, 4]
+
+    total, active = _tiny_parameter_counts()
+    assert "devices: 1 x cpu in 1 process(es); mesh {'data': 1, 'fsdp': 1, 'expert': 1, 'tensor': 1}" in out
+    assert f"policy: {total:,} parameters, {active:,} active per token" in out
+    assert "compiling the sampler, scoring and update steps" in out
+    first = next(l for l in out.splitlines() if l.startswith("step 1/2"))
+    assert "first step (includes compilation)" in first
+
+    samples = read_lines(tmp_path / "api" / "samples.jsonl")
+    assert [s["step"] for s in samples] == [2, 2, 2]
+    for s in samples:
+        a, b = s["prompt"].rstrip("=").split("+")
+        assert s["answer"] == str(int(a) + int(b))
+        assert s["reward"] == pytest.approx(s["rewards/math_answer"] + 0.1 * s["rewards/format"])
+        assert isinstance(s["completion"], str)
+
+    # Rerunning at the end says so; a changed key is listed with its old and new value.
+    run(micro_config(tmp_path / "api", **settings, **{"optim.lr": 2e-4}))
+    out = capsys.readouterr().out
+    assert "config changed since step 2 (old -> new): optim.lr: 0.0001 -> 0.0002" in out
+    assert "already at step 2 of 2: nothing to do" in out
+
+
+def test_keep_best_by_must_name_a_logged_metric_with_a_direction(tmp_path):
+    from gspo_jax import checkpoint
+
+    cfg = micro_config(tmp_path / "kb", **{"checkpoint.keep_best_by": "eval/acc"})
+    with pytest.raises(ConfigError, match=r"keep_best_by: 'eval/acc' is not a metric this run logs.*eval/accuracy"):
+        validate_config(cfg)
+    cfg = micro_config(tmp_path / "kb", **{"checkpoint.keep_best_by": "eval/accuracy", "eval.every": 0})
+    with pytest.raises(ConfigError, match=r"evaluation is off"):
+        validate_config(cfg)
+    cfg = micro_config(tmp_path / "kb", **{"checkpoint.keep_best_mode": "largest"})
+    with pytest.raises(ConfigError, match=r"keep_best_mode: 'largest'"):
+        validate_config(cfg)
+    for metric, mode in (("eval/accuracy", "max"), ("loss", "min"), ("reward/sort_digits/mean", "max")):
+        cfg = micro_config(tmp_path / "kb", **{"checkpoint.keep_best_by": metric})
+        validate_config(cfg)
+        assert checkpoint.best_mode(cfg) == mode
+    cfg.checkpoint.keep_best_mode = "min"
+    assert checkpoint.best_mode(cfg) == "min"
+
+
+def test_config_key_typo_prints_one_line_with_the_suggestion(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "gspo_jax.train", "--config=tests/micro_config.py", "--config.algo.minibatchs=2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == "error: unknown key --config.algo.minibatchs; did you mean algo.minibatches?"
+
+
+def test_data_section_is_validated(tmp_path):
+    cfg = micro_config(tmp_path / "d", **{"data.task": "", "data.path": str(tmp_path / "missing.jsonl")})
+    with pytest.raises(ConfigError, match=r"--config.data.path: no file matches"):
+        validate_config(cfg)
+    cfg = micro_config(tmp_path / "d", **{"data.overlong": "cut"})
+    with pytest.raises(ConfigError, match=r"--config.data: data.overlong must be one of"):
+        validate_config(cfg)
+    cfg = micro_config(tmp_path / "d", **{"data.task": "sorting"})
+    with pytest.raises(ConfigError, match=r"--config.data.task: 'sorting'"):
+        validate_config(cfg)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "qwen2_moe")
 MOE_DISPATCH_STRATEGIES = ("auto", "dense", "capacity", "ragged", "tiled")
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def dtype_name(value: Any) -> str | None:
@@ -27,7 +27,7 @@ def dtype_name(value: Any) -> str | None:
         name = jnp.dtype(value).name
     except TypeError:
         return None
-    return name if name in _DTYPES else None
+    return name if name in DTYPES else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +95,7 @@ class ModelConfig:
             canonical = dtype_name(getattr(self, name))
             if canonical is None:
                 errors.append(
-                    f"{name}={getattr(self, name)!r}: use one of {_DTYPES} (a name, or e.g. jnp.bfloat16)"
+                    f"{name}={getattr(self, name)!r}: use one of {DTYPES} (a name, or e.g. jnp.bfloat16)"
                 )
             else:  # stored by name: the config stays hashable, comparable and JSON-friendly
                 object.__setattr__(self, name, canonical)
@@ -355,3 +355,30 @@ PRESETS["tiny"] = ModelConfig(
     pad_token_id=0,
     initializer_range=0.05,
 )
+
+
+def config_errors(model) -> list[str]:
+    """Problems with a run config's `model.*` keys (dtypes, dispatch, where the weights come from)."""
+    errors = []
+    for key in ("dtype", "param_dtype"):
+        if model[key] not in DTYPES:
+            errors.append(f"--config.model.{key}: {model[key]!r}: use one of {DTYPES}")
+    if model.rollout_dtype not in ("",) + DTYPES:
+        errors.append(f"--config.model.rollout_dtype: {model.rollout_dtype!r}: use '' (same as param_dtype) or one of {DTYPES}")
+    if model.moe_dispatch not in MOE_DISPATCH_STRATEGIES:
+        errors.append(f"--config.model.moe_dispatch: {model.moe_dispatch!r}: use one of {MOE_DISPATCH_STRATEGIES}")
+    if model.logprob_chunk < 1:
+        errors.append("--config.model.logprob_chunk: must be >= 1")
+    if model.hf_path:
+        if not os.path.isfile(os.path.join(model.hf_path, "config.json")):
+            errors.append(
+                f"--config.model.hf_path: {model.hf_path!r} has no config.json: point it at a local "
+                "Hugging Face model directory"
+            )
+    elif model.preset != "tiny":
+        errors.append(
+            f"--config.model.hf_path: preset {model.preset!r} needs its released weights: set "
+            f"--config.model.hf_path=/path/to/hf_dir (a fresh init is only offered for 'tiny'; known presets: "
+            f"{sorted(PRESETS)})"
+        )
+    return errors

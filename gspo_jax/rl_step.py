@@ -1,0 +1,189 @@
+"""One GSPO step as a function: prompts -> sample -> rewards -> group advantages -> minibatch updates.
+
+`RLStep(state, batch, ref_params, key)` returns the new train state and the step's metrics. It reads
+no files, writes none and keeps no counters: the run loop (trainer.py) feeds it prompt batches and
+owns resume, evaluation cadence, checkpoints and logging. Shape letters: BUILD_NOTES.md, "Shapes".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gspo_jax import losses, metrics, rollout, sharding
+from gspo_jax.data import PromptBatch
+from gspo_jax.optim import make_optimizer
+from gspo_jax.policy import Policy, total_updates
+from gspo_jax.rewards import RewardSet
+from gspo_jax.sampler import Sampler
+from gspo_jax.update import RolloutBatch, TrainState, UpdateSettings, make_score_fn, make_train_fn
+
+OLD_LOGPROB_SOURCES = ("trainer", "sampler")
+
+
+def config_errors(cfg) -> list[str]:
+    """Problems with the keys the step itself reads (algo.minibatches, iterations, old_logprobs, ...)."""
+    a, rows = cfg.algo, cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    errors = []
+    if a.old_logprobs not in OLD_LOGPROB_SOURCES:
+        errors.append(
+            f"--config.algo.old_logprobs: {a.old_logprobs!r}: use trainer (one extra forward pass) "
+            "or sampler (the sampler's log-probs)"
+        )
+    if a.minibatches < 1 or a.iterations < 1:
+        errors.append("--config.algo.minibatches: algo.minibatches and algo.iterations must be >= 1")
+    elif rows % a.minibatches:
+        errors.append(
+            f"--config.algo.minibatches: {a.minibatches} does not divide the {rows} completions of a step "
+            f"(prompts_per_step x group_size); pick a divisor of {rows}"
+        )
+    if a.max_nonfinite_updates < 1:
+        errors.append("--config.algo.max_nonfinite_updates: must be >= 1")
+    return errors
+
+
+def _cast_params(params, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+@dataclasses.dataclass
+class StepResult:
+    """metrics: the step's metrics row; scored: its rollout on the host (for samples);
+    update_skipped: [iterations * minibatches] bool, updates dropped for a non-finite loss or gradient."""
+
+    metrics: dict[str, Any]
+    scored: rollout.ScoredRollout
+    update_skipped: np.ndarray
+
+
+class RLStep:
+    """The jitted phases of a step (sampler, scoring, updates) and the host work between them."""
+
+    def __init__(self, cfg, policy: Policy, mesh, tokenizer, rewards: RewardSet, stop_ids):
+        self.cfg = cfg
+        self.mesh = mesh
+        self.tokenizer = tokenizer
+        self.rewards = rewards
+        self.stop_ids = stop_ids
+        self.group = cfg.rollout.group_size
+        aux_coef = cfg.model.aux_loss_coef
+        self.settings = UpdateSettings(
+            level=cfg.algo.importance_sampling_level,
+            eps_low=cfg.algo.eps_low,
+            eps_high=cfg.algo.eps_high,
+            aggregation=cfg.algo.aggregation,
+            beta=cfg.algo.beta,
+            aux_loss_coef=policy.config.router_aux_loss_coef if aux_coef is None else aux_coef,
+            temperature=cfg.rollout.temperature or 1.0,
+            logprob_chunk=cfg.model.logprob_chunk,
+            minibatches=cfg.algo.minibatches,
+            iterations=cfg.algo.iterations,
+        )
+        self.optimizer = make_optimizer(cfg.optim, total_updates(cfg))
+        self.train_fn = make_train_fn(policy.graphdef, self.optimizer, self.settings)
+        self.score_fn = make_score_fn(policy.graphdef, self.settings)
+        rollout_dtype = jnp.dtype(cfg.model.rollout_dtype or cfg.model.param_dtype)
+        self.cast_for_rollout = jax.jit(lambda p: _cast_params(p, rollout_dtype))
+        self.sampler = Sampler(
+            policy.graphdef,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            num_samples=self.group,
+            temperature=cfg.rollout.temperature,
+            top_k=cfg.rollout.top_k,
+            top_p=cfg.rollout.top_p,
+            stop_ids=stop_ids,
+            pad_id=tokenizer.pad_token_id,
+            cache_dtype=cfg.rollout.cache_dtype or None,
+        )
+
+    def __call__(
+        self, state: TrainState, batch: PromptBatch, ref_params, key: jax.Array
+    ) -> tuple[TrainState, StepResult]:
+        """One step on this host's prompt rows; `ref_params` is the KL reference (None when beta == 0)."""
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        sample_key, train_key = jax.random.split(key)
+        prompt_ids = sharding.place_batch(batch.prompt_ids, self.mesh)  # [N, P]
+        prompt_mask = sharding.place_batch(batch.prompt_mask, self.mesh)
+        out = self.sampler(self.cast_for_rollout(state.params), prompt_ids, prompt_mask, sample_key)
+        ids_bc = sharding.global_to_host(out.completion_ids, self.mesh)
+        mask_bc = sharding.global_to_host(out.completion_mask, self.mesh)
+        t_rollout = time.perf_counter()
+
+        scored = rollout.score_rollout(self.tokenizer, self.rewards, batch, self.group, ids_bc, mask_bc, self.stop_ids)
+        # Rewards of this host's rows -> one global array (groups never straddle hosts: rows are prompt-major).
+        advantages_b, adv_metrics = losses.group_advantages(
+            sharding.place_batch(scored.rewards, self.mesh), self.group, scale=cfg.algo.advantage_scale
+        )
+        t_reward = time.perf_counter()
+
+        width = rollout.completion_bucket(int(scored.lengths.max()), cfg.rollout.max_new_tokens)
+        layout = rollout.training_layout(prompt_ids, prompt_mask, out, self.group, width)
+        if cfg.algo.old_logprobs == "trainer":
+            old_logp_bc = self.score_fn(state.params, layout.tokens_bt, layout.valid_bt, layout.completion_mask_bc)
+        else:
+            old_logp_bc = layout.sampler_logp_bc
+        ref_logp_bc = (
+            self.score_fn(ref_params, layout.tokens_bt, layout.valid_bt, layout.completion_mask_bc)
+            if ref_params is not None
+            else jnp.zeros_like(layout.sampler_logp_bc)
+        )
+        rollout_batch = RolloutBatch(
+            tokens=layout.tokens_bt,
+            valid=layout.valid_bt,
+            completion_mask=layout.completion_mask_bc,
+            advantages=advantages_b,
+            old_logp=old_logp_bc,
+            sampler_logp=layout.sampler_logp_bc,
+            ref_logp=ref_logp_bc,
+        )
+        state, update_metrics = self.train_fn(state, rollout_batch, train_key)
+        update_metrics = jax.device_get(update_metrics)
+        t_end = time.perf_counter()
+
+        generated = float(scored.lengths.sum())
+        row = scored.metrics()
+        row.update(
+            {
+                (k if k == "frac_reward_zero_std" or k.startswith("reward/") else f"rollout/{k}"): float(v)
+                for k, v in jax.device_get(adv_metrics).items()
+            }
+        )
+        row.update(summarize_updates(update_metrics))
+        row.update(
+            {
+                "tokens_per_s": generated / (t_end - t_start),
+                "rollout/tokens_per_s": generated / (t_rollout - t_start),
+                "step_time_s": t_end - t_start,
+                "time/rollout_s": t_rollout - t_start,
+                "time/reward_s": t_reward - t_rollout,
+                "time/update_s": t_end - t_reward,
+                "train/completion_bucket": float(width),
+            }
+        )
+        skipped = np.asarray(update_metrics["update_skipped"]).reshape(-1).astype(bool)
+        return state, StepResult(row, scored, skipped)
+
+
+def summarize_updates(m: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Means over all updates, plus per-minibatch-index series of the metrics that show off-policy drift."""
+    row: dict[str, Any] = {}
+    for key, value in m.items():
+        value = np.asarray(value)  # [iterations, minibatches, ...]
+        if key == "moe/expert_load":
+            row.update(metrics.expert_load_metrics(value.mean(axis=(0, 1))))
+        else:
+            row[key] = float(value.mean())
+    # The first update's gap: the policy still equals the sampling policy, so only numerics differ.
+    for key in ("logprob_gap/token_abs", "logprob_gap/seq_abs"):
+        row[key] = float(np.asarray(m[key])[0, 0])
+    for key in ("log_ratio_seq/abs_mean", "clip_frac/seq", "clip_frac/token"):
+        if key in m:
+            per_mb = np.asarray(m[key]).mean(axis=0)
+            row.update({f"{key}/mb{i}": float(v) for i, v in enumerate(per_mb)})
+    return row
