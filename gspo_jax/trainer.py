@@ -9,6 +9,7 @@ the same code path as a pod slice.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -88,8 +89,11 @@ class Trainer:
             minibatches=cfg.algo.minibatches,
             iterations=cfg.algo.iterations,
         )
-        self.train_fn = make_train_fn(self.policy.graphdef, self.optimizer, self.settings)
-        self.score_fn = make_score_fn(self.policy.graphdef, self.settings)
+        # Jitted phases trace under the mesh context: model code reads it for expert parallelism and
+        # activation sharding constraints.
+        on_mesh = functools.partial(sharding.on_mesh, mesh=self.mesh, rules=cfg.mesh.rules.to_dict())
+        self.train_fn = on_mesh(make_train_fn(self.policy.graphdef, self.optimizer, self.settings))
+        self.score_fn = on_mesh(make_score_fn(self.policy.graphdef, self.settings))
         self.rollout_dtype = jnp.dtype(cfg.model.rollout_dtype or cfg.model.param_dtype)
         self.cast_for_rollout = jax.jit(lambda p: _cast_params(p, self.rollout_dtype))
         self.sampler = Sampler(
@@ -112,6 +116,7 @@ class Trainer:
             pad_id=self.pad_id,
             cache_dtype=cfg.rollout.cache_dtype or None,
         )
+        self.sampler, self.eval_sampler = on_mesh(self.sampler), on_mesh(self.eval_sampler)
         self.ref_params = None
         if cfg.algo.beta > 0:
             self.ref_params = jax.tree.map(jnp.copy, self.policy.params)
