@@ -1,6 +1,7 @@
 """Explicit expert parallelism (all-to-all over the `expert` mesh axis) on 8 simulated devices: outputs,
 gradients and drop counts against single-device references, and the collectives XLA compiles."""
 
+import collections
 import re
 
 import jax
@@ -10,12 +11,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 from test_moe import numpy_moe
 
 from gspo_jax import sharding
 from gspo_jax.models import moe
 from gspo_jax.models.config import ModelConfig
-from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
+from gspo_jax.models.hf import abstract_model
 from gspo_jax.update import RolloutBatch, TrainState, UpdateSettings, make_train_fn
 
 E, K, D, I = 8, 2, 16, 12
@@ -165,7 +167,7 @@ def collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]], str]]:
 
 def compiled_train_step(mesh, model_cfg=MODEL, rows=16, prompt=6, new=4):
     """Optimised HLO of update.make_train_fn's step for `rows` sequences, traced under the mesh."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: QwenMoeForCausalLM(model_cfg, rngs=nnx.Rngs(0))))
+    graphdef, abstract = abstract_model(model_cfg)
     param_sh = sharding.param_shardings(abstract, mesh)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, param_sh)
     optimizer = optax.adamw(1e-3)
@@ -211,12 +213,12 @@ def compiled_train_step(mesh, model_cfg=MODEL, rows=16, prompt=6, new=4):
         return train.lower(TrainState(params, opt_state, step), batch, key).compile().as_text()
 
 
-def test_train_step_exchanges_tokens_and_never_gathers_an_expert_weight():
-    mesh = make_mesh(fsdp=2, expert=4)
+@pytest.mark.parametrize("mesh_sizes", [{"fsdp": 2, "expert": 4}, {"data": 2, "expert": 4}])
+def test_train_step_exchanges_tokens_and_never_gathers_an_expert_weight(mesh_sizes):
+    mesh = make_mesh(**mesh_sizes)
     found = collectives(compiled_train_step(mesh, MODEL.replace(num_hidden_layers=1)))
-    expert_axis_groups = {
-        frozenset(int(d.id) for d in mesh.devices[0, f, :, 0]) for f in range(mesh.shape["fsdp"])
-    }
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    expert_axis_groups = {frozenset(map(int, g)) for g in np.moveaxis(ids, 2, -1).reshape(-1, 4)}
     all_to_all = [groups for op, _, groups in found if op == "all-to-all"]
     # The forward exchanges tokens and outputs, the backward their cotangents: over the expert axis only.
     assert len(all_to_all) >= 4
@@ -224,4 +226,43 @@ def test_train_step_exchanges_tokens_and_never_gathers_an_expert_weight():
         assert {frozenset(map(int, g.split(","))) for g in re.findall(r"\{([\d,]+)\}", groups)} == expert_axis_groups
     expert_shapes = {(E, D, I), (E, I, D)}
     gathered = [shape for op, shapes, _ in found if op == "all-gather" for shape in shapes]
-    assert gathered and not expert_shapes & set(gathered), gathered
+    assert not expert_shapes & set(gathered), gathered
+    if mesh.shape["fsdp"] > 1:  # FSDP gathers D of the 2 local experts (the case the check is about)
+        assert {(2, D, I), (2, I, D)} <= set(gathered), gathered
+
+
+# ---- activation sharding constraints ----
+
+
+def test_activation_specs_follow_the_rules():
+    residual = ("batch", "seq", "embed")
+    q_axes = ("batch", "seq", "q_heads", "head_dim")
+    x = jnp.ones((8, 5, 16))
+    assert sharding.activation_spec(residual, x.shape) is None and sharding.constrain(x, residual) is x
+    with sharding.use_mesh(make_mesh(data=2, expert=4)):
+        assert sharding.activation_spec(residual, (8, 5, 16)) == P(("data", "expert"), None, None)
+        assert sharding.activation_spec(residual, (4, 5, 16)) == P("data", None, None)  # 4 rows: not 8 ways
+    mesh = make_mesh(fsdp=2, expert=2, tensor=2)
+    with sharding.use_mesh(mesh):
+        assert sharding.activation_spec(q_axes, (8, 5, 4, 8)) == P(("fsdp", "expert"), None, "tensor", None)
+        assert sharding.activation_spec(q_axes, (8, 5, 1, 8)) == P(("fsdp", "expert"), None, None, None)
+        assert sharding.activation_spec(("batch", "seq", "mlp"), (8, 5, 24)) == P(("fsdp", "expert"), None, "tensor")
+    with sharding.use_mesh(mesh, {"q_heads": None}):  # run rules reach activations named like parameters
+        assert sharding.activation_spec(q_axes, (8, 5, 4, 8)) == P(("fsdp", "expert"), None, None, None)
+
+
+def test_layer_boundaries_carry_the_constraints():
+    graphdef, params = abstract_model(MODEL.replace(mlp_only_layers=(0,)))
+    forward = lambda params, ids: nnx.merge(graphdef, params).forward(ids).hidden
+    with sharding.use_mesh(make_mesh(fsdp=2, expert=2, tensor=2)):
+        jaxpr = jax.make_jaxpr(forward)(params, jax.ShapeDtypeStruct((8, 5), jnp.int32))
+    specs = collections.Counter(
+        e.params["sharding"].spec for e in jaxpr.eqns if e.primitive.name == "sharding_constraint"
+    )
+    rows = ("fsdp", "expert")
+    assert specs == {
+        P(rows, None, None): 3 * 2,  # residual stream: layer input, after attention, layer output
+        P(rows, None, "tensor", None): 4 * 2,  # q, k, v and attention output: heads over tensor
+        P(rows, None, "tensor"): 1,  # the dense layer's MLP hidden
+        P(rows, None): 2,  # the MoE layer's router input and logits (tokens split like rows)
+    }

@@ -69,7 +69,9 @@ def _top_k_ids(probs_te, k: int):
 
 def route(x_td, router_de, top_k: int, norm_topk_prob: bool):
     """Router probabilities [T, E] (fp32 softmax over all experts), top-k ids [T, k] and weights [T, k]."""
-    # Tokens (flattened batch rows) stay split like the batch, so top-k runs where its rows are.
+    # Tokens (flattened batch rows) stay split like the batch, so top-k runs where its rows are, and
+    # x's cotangent keeps x's layout (else it takes the FSDP-split router's and is resharded).
+    x_td = sharding.constrain(x_td, ("batch", "embed"))
     logits = sharding.constrain(x_td @ router_de.astype(x_td.dtype), ("batch", None))
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     ids = _top_k_ids(jax.lax.stop_gradient(probs), top_k)
