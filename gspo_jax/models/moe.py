@@ -367,7 +367,9 @@ def _exchange_and_run(
         gate_ldi = jax.lax.all_gather(gate_ldi, layout.embed_axes, axis=1, tiled=True)
         up_ldi = jax.lax.all_gather(up_ldi, layout.embed_axes, axis=1, tiled=True)
         down_lid = jax.lax.all_gather(down_lid, layout.embed_axes, axis=2, tiled=True)
-    # Each local expert receives at most ways * capacity rows, so capacity factor 1 (k = 1) never drops.
+    # A local expert receives at most `room` rows (capacity, or every token once, from each device):
+    # the inner capacity strategy is given exactly that room (its slots are factor * rows / experts).
+    room = ways * (capacity if capacity_factor > 0 else tokens)
     y_r, _ = DISPATCH_STRATEGIES[inner](
         recv_x,
         jnp.where(recv_valid, recv_e, 0)[:, None],
@@ -376,7 +378,7 @@ def _exchange_and_run(
         gate_ldi,
         up_ldi,
         down_lid,
-        capacity_factor=1.0 if capacity_factor > 0 else 0.0,
+        capacity_factor=room * local / (ways * rows),
     )
     if layout.mlp_axes:  # tensor parallel: each device summed over its slice of I
         y_r = jax.lax.psum(y_r, layout.mlp_axes)
