@@ -44,7 +44,9 @@ DEFAULT_RULES: dict[str, Any] = {
 # parameter's rule, so the output of a head-sharded projection stays head-sharded over `tensor`.
 ACTIVATION_RULES: dict[str, Any] = {"batch": BATCH_AXES, "seq": None, "embed": None}
 
-_PARAM_RULES: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("param_rules", default=DEFAULT_RULES)
+_PARAM_RULES: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
+    "param_rules", default=DEFAULT_RULES
+)
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:

@@ -25,7 +25,8 @@ B, T = 8, 5
 
 
 def make_mesh(**sizes):
-    return sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1} | sizes))
+    sizes = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1} | sizes
+    return sharding.make_mesh(ml_collections.ConfigDict(sizes))
 
 
 def _problem(seed=0):
@@ -148,7 +149,9 @@ MODEL = ModelConfig(
     moe_intermediate_size=I,
     norm_topk_prob=True,
 )
-_COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%\S+ = (.*?) (all-to-all|all-gather|reduce-scatter|all-reduce)(?:-start)?\(")
+_COLLECTIVE = re.compile(
+    r"^\s*(?:ROOT )?%\S+ = (.*?) (all-to-all|all-gather|reduce-scatter|all-reduce)(?:-start)?\("
+)
 _SHAPE = re.compile(r"[a-z]+\d*\[([\d,]*)\]")
 _GROUPS = re.compile(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}")
 
@@ -171,21 +174,19 @@ def compiled_train_step(mesh, model_cfg=MODEL, rows=16, prompt=6, new=4):
     param_sh = sharding.param_shardings(abstract, mesh)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, param_sh)
     optimizer = optax.adamw(1e-3)
-    opt_state = optax.tree_map_params(
-        optimizer,
-        lambda p: p,
-        jax.eval_shape(optimizer.init, params),
-        transform_non_params=lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh)),
-    )
-    # Moments are laid out like their parameters.
-    opt_state = optax.tree_map_params(
+    replicated = sharding.replicated(mesh)
+    opt_state = optax.tree_map_params(  # moments laid out like their parameters, counters replicated
         optimizer,
         lambda m, p: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=p.sharding),
-        opt_state,
+        jax.eval_shape(optimizer.init, params),
         params,
+        transform_non_params=lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
     )
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
-    row = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+
+    def row(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+
     batch = RolloutBatch(
         tokens=row((rows, prompt + new), jnp.int32),
         valid=row((rows, prompt + new), jnp.bool_),
@@ -223,7 +224,8 @@ def test_train_step_exchanges_tokens_and_never_gathers_an_expert_weight(mesh_siz
     # The forward exchanges tokens and outputs, the backward their cotangents: over the expert axis only.
     assert len(all_to_all) >= 4
     for groups in all_to_all:
-        assert {frozenset(map(int, g.split(","))) for g in re.findall(r"\{([\d,]+)\}", groups)} == expert_axis_groups
+        used = {frozenset(map(int, g.split(","))) for g in re.findall(r"\{([\d,]+)\}", groups)}
+        assert used == expert_axis_groups
     expert_shapes = {(E, D, I), (E, I, D)}
     gathered = [shape for op, shapes, _ in found if op == "all-gather" for shape in shapes]
     assert not expert_shapes & set(gathered), gathered
@@ -246,7 +248,8 @@ def test_activation_specs_follow_the_rules():
     with sharding.use_mesh(mesh):
         assert sharding.activation_spec(q_axes, (8, 5, 4, 8)) == P(("fsdp", "expert"), None, "tensor", None)
         assert sharding.activation_spec(q_axes, (8, 5, 1, 8)) == P(("fsdp", "expert"), None, None, None)
-        assert sharding.activation_spec(("batch", "seq", "mlp"), (8, 5, 24)) == P(("fsdp", "expert"), None, "tensor")
+        mlp_spec = sharding.activation_spec(("batch", "seq", "mlp"), (8, 5, 24))
+        assert mlp_spec == P(("fsdp", "expert"), None, "tensor")
     with sharding.use_mesh(mesh, {"q_heads": None}):  # run rules reach activations named like parameters
         assert sharding.activation_spec(q_axes, (8, 5, 4, 8)) == P(("fsdp", "expert"), None, None, None)
 

@@ -182,7 +182,8 @@ class Attention(nnx.Module):
             keys, values = cache.k.astype(self.dtype), cache.v.astype(self.dtype)
             k_pos, k_valid = cache.pos, cache.valid
         mask = attention_mask(pos_bt, k_pos, k_valid, self.window)
-        out = sharding.constrain(grouped_attention(q, keys, values, mask), ("batch", "seq", "q_heads", "head_dim"))
+        out = grouped_attention(q, keys, values, mask)
+        out = sharding.constrain(out, ("batch", "seq", "q_heads", "head_dim"))
         y = jnp.einsum("bthk,hkd->btd", out, self.o_proj.value.astype(self.dtype))
         if hasattr(self, "o_bias"):
             y = y + self.o_bias.value.astype(self.dtype)
@@ -204,4 +205,5 @@ class SwiGLU(nnx.Module):
         gate = x @ self.gate_proj.value.astype(self.dtype)
         up = x @ self.up_proj.value.astype(self.dtype)
         hidden_axes = ("batch", "seq", "mlp") if x.ndim == 3 else ("batch", "mlp")
-        return sharding.constrain(jax.nn.silu(gate) * up, hidden_axes) @ self.down_proj.value.astype(self.dtype)
+        hidden = sharding.constrain(jax.nn.silu(gate) * up, hidden_axes)
+        return hidden @ self.down_proj.value.astype(self.dtype)

@@ -332,7 +332,18 @@ def expert_parallel_layout(batch: int, gate_shape, down_shape) -> ExpertParallel
 
 
 def _exchange_and_run(
-    x_btd, ids_btk, weights_btk, valid_bt, gate_ldi, up_ldi, down_lid, *, layout, num_experts, capacity_factor, inner
+    x_btd,
+    ids_btk,
+    weights_btk,
+    valid_bt,
+    gate_ldi,
+    up_ldi,
+    down_lid,
+    *,
+    layout,
+    num_experts,
+    capacity_factor,
+    inner,
 ):
     """Per-device body of expert_parallel_dispatch: local tokens [b, t, ...], local experts [L, ...]."""
     b, t, d = x_btd.shape
