@@ -8,6 +8,7 @@ owns resume, evaluation cadence, checkpoints and logging. Shape letters: BUILD_N
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -85,20 +86,25 @@ class RLStep:
             iterations=cfg.algo.iterations,
         )
         self.optimizer = make_optimizer(cfg.optim, total_updates(cfg))
-        self.train_fn = make_train_fn(policy.graphdef, self.optimizer, self.settings)
-        self.score_fn = make_score_fn(policy.graphdef, self.settings)
+        # Jitted phases trace under the mesh context: model code reads it for expert parallelism and
+        # activation sharding constraints.
+        on_mesh = functools.partial(sharding.on_mesh, mesh=mesh, rules=cfg.mesh.rules.to_dict())
+        self.train_fn = on_mesh(make_train_fn(policy.graphdef, self.optimizer, self.settings))
+        self.score_fn = on_mesh(make_score_fn(policy.graphdef, self.settings))
         rollout_dtype = jnp.dtype(cfg.model.rollout_dtype or cfg.model.param_dtype)
         self.cast_for_rollout = jax.jit(lambda p: _cast_params(p, rollout_dtype))
-        self.sampler = Sampler(
-            policy.graphdef,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            num_samples=self.group,
-            temperature=cfg.rollout.temperature,
-            top_k=cfg.rollout.top_k,
-            top_p=cfg.rollout.top_p,
-            stop_ids=stop_ids,
-            pad_id=tokenizer.pad_token_id,
-            cache_dtype=cfg.rollout.cache_dtype or None,
+        self.sampler = on_mesh(
+            Sampler(
+                policy.graphdef,
+                max_new_tokens=cfg.rollout.max_new_tokens,
+                num_samples=self.group,
+                temperature=cfg.rollout.temperature,
+                top_k=cfg.rollout.top_k,
+                top_p=cfg.rollout.top_p,
+                stop_ids=stop_ids,
+                pad_id=tokenizer.pad_token_id,
+                cache_dtype=cfg.rollout.cache_dtype or None,
+            )
         )
 
     def __call__(
@@ -115,7 +121,9 @@ class RLStep:
         mask_bc = sharding.global_to_host(out.completion_mask, self.mesh)
         t_rollout = time.perf_counter()
 
-        scored = rollout.score_rollout(self.tokenizer, self.rewards, batch, self.group, ids_bc, mask_bc, self.stop_ids)
+        scored = rollout.score_rollout(
+            self.tokenizer, self.rewards, batch, self.group, ids_bc, mask_bc, self.stop_ids
+        )
         # Rewards of this host's rows -> one global array (groups never straddle hosts: rows are prompt-major).
         advantages_b, adv_metrics = losses.group_advantages(
             sharding.place_batch(scored.rewards, self.mesh), self.group, scale=cfg.algo.advantage_scale
@@ -125,7 +133,9 @@ class RLStep:
         width = rollout.completion_bucket(int(scored.lengths.max()), cfg.rollout.max_new_tokens)
         layout = rollout.training_layout(prompt_ids, prompt_mask, out, self.group, width)
         if cfg.algo.old_logprobs == "trainer":
-            old_logp_bc = self.score_fn(state.params, layout.tokens_bt, layout.valid_bt, layout.completion_mask_bc)
+            old_logp_bc = self.score_fn(
+                state.params, layout.tokens_bt, layout.valid_bt, layout.completion_mask_bc
+            )
         else:
             old_logp_bc = layout.sampler_logp_bc
         ref_logp_bc = (

@@ -1,11 +1,17 @@
 """Device mesh from config, and logical-axis rules that turn parameter axis names into NamedShardings.
 
-Model code names each parameter dimension ("embed", "expert", "q_heads", ...); this module is the only
-place that knows which mesh axis ("data", "fsdp", "expert", "tensor") serves which logical name.
+Model code names each parameter dimension ("embed", "expert", "q_heads", ...) and each activation
+dimension it constrains ("batch", "seq", ...); this module is the only place that knows which mesh axis
+("data", "fsdp", "expert", "tensor") serves which logical name. Jitted phases run under `use_mesh`
+(JAX's mesh context plus the run's parameter rules), which model code reads at trace time through
+`activation_spec` / `param_spec`, so the model never holds a mesh object.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
 from typing import Any
 
@@ -30,6 +36,17 @@ DEFAULT_RULES: dict[str, Any] = {
     "expert": "expert",
     "expert_mlp": "tensor",
 }
+
+
+# logical activation axis -> mesh axes, for constraints at layer boundaries. The batch is split like
+# the data; the residual stream's hidden dim is not split (FSDP splits weights, not activations).
+# Activation dims named like a parameter dim ("q_heads", "kv_heads", "mlp", ...) follow that
+# parameter's rule, so the output of a head-sharded projection stays head-sharded over `tensor`.
+ACTIVATION_RULES: dict[str, Any] = {"batch": BATCH_AXES, "seq": None, "embed": None}
+
+_PARAM_RULES: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
+    "param_rules", default=DEFAULT_RULES
+)
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
@@ -193,3 +210,71 @@ def config_errors(mesh_cfg, batch_sizes: dict[str, int], num_devices: int | None
         for key, rows in batch_sizes.items()
         if rows % ways
     ]
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: dict[str, Any] | None = None):
+    """JAX's mesh context (`jax.set_mesh`) plus the run's parameter rules, for tracing model code."""
+    token = _PARAM_RULES.set(DEFAULT_RULES | dict(rules or {}))
+    try:
+        with jax.set_mesh(mesh):
+            yield
+    finally:
+        _PARAM_RULES.reset(token)
+
+
+def on_mesh(fn, mesh: Mesh, rules: dict[str, Any] | None = None):
+    """`fn` called (and so traced) under use_mesh(mesh, rules)."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with use_mesh(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def _mesh_axes(mapped) -> tuple[str, ...]:
+    return () if mapped is None else ((mapped,) if isinstance(mapped, str) else tuple(mapped))
+
+
+def _spec_entry(axes) -> Any:
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def param_spec(logical_axes, shape) -> PartitionSpec | None:
+    """The PartitionSpec of a parameter under the active use_mesh context (None outside one), with
+    mesh axes of size 1 left out: the same layout, and no no-op collectives over them."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    spec = logical_to_spec(logical_axes, shape, mesh, _PARAM_RULES.get())
+    return PartitionSpec(*(_spec_entry([a for a in _mesh_axes(e) if mesh.shape[a] > 1]) for e in spec))
+
+
+def activation_spec(logical_axes, shape) -> PartitionSpec | None:
+    """PartitionSpec of an activation under the active mesh (None outside one).
+
+    Names map by ACTIVATION_RULES, else by the parameter rules. Mesh axes of size 1, that the mesh
+    lacks, that an earlier dim already uses, or that do not divide the dim evenly are left out (the
+    dim stays replicated over them rather than padded).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    rules = _PARAM_RULES.get() | ACTIVATION_RULES
+    used: set[str] = set()
+    spec = []
+    for logical, size in zip(logical_axes, shape):
+        axes: list[str] = []
+        for axis in _mesh_axes(rules.get(logical) if logical else None):
+            if mesh.shape.get(axis, 1) > 1 and axis not in used:
+                if size % math.prod(mesh.shape[a] for a in (*axes, axis)) == 0:
+                    axes.append(axis)
+        used.update(axes)
+        spec.append(_spec_entry(axes))
+    return PartitionSpec(*spec)
+
+
+def constrain(x, logical_axes):
+    """x with a sharding constraint by logical axis names under the active mesh; x itself outside one."""
+    spec = activation_spec(logical_axes, x.shape)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)

@@ -95,14 +95,18 @@ class Trainer:
             hold_out=cfg.eval.every > 0,
         )
         self.rl = RLStep(cfg, self.policy, self.mesh, self.tokenizer, self.rewards, self.stop_ids)
-        self.eval_sampler = Sampler(
-            self.policy.graphdef,
-            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-            num_samples=1,
-            temperature=0.0,
-            stop_ids=self.stop_ids,
-            pad_id=self.pad_id,
-            cache_dtype=cfg.rollout.cache_dtype or None,
+        self.eval_sampler = sharding.on_mesh(
+            Sampler(
+                self.policy.graphdef,
+                max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                num_samples=1,
+                temperature=0.0,
+                stop_ids=self.stop_ids,
+                pad_id=self.pad_id,
+                cache_dtype=cfg.rollout.cache_dtype or None,
+            ),
+            self.mesh,
+            cfg.mesh.rules.to_dict(),
         )
         # The KL reference is the policy RL starts from (after any warm start); set in _loop.
         self.ref_params = None
@@ -266,18 +270,26 @@ class Trainer:
             f"devices: {len(devices)} x {devices[0].platform} in {jax.process_count()} process(es); "
             f"mesh {dict(self.mesh.shape)}"
         )
-        self.writer.log(f"policy: {total:,} parameters, {active:,} active per token ({cfg.model.hf_path or cfg.model.preset})")
+        self.writer.log(
+            f"policy: {total:,} parameters, {active:,} active per token ({cfg.model.hf_path or cfg.model.preset})"
+        )
         eval_count = int(sharding.sum_over_hosts(sum(int(np.sum(b.valid)) for b in self.eval_set)))
         train_count = self.data.num_records * jax.process_count()
         held_out = cfg.data.path and not cfg.data.eval_path and eval_count
         self.writer.log(
             f"records: {train_count:,} train, {eval_count:,} eval"
-            + (" (held out of data.path: min(data.eval_size, 10%); set data.eval_path to use a file)" if held_out else "")
+            + (
+                " (held out of data.path: min(data.eval_size, 10%); set data.eval_path to use a file)"
+                if held_out
+                else ""
+            )
         )
         if not cfg.eval.every:
             self.writer.log("evaluation: off (eval.every=0)")
         elif not eval_count:
-            self.writer.log("evaluation: off: no eval records (set data.eval_path, or use a training file of >= 10 records)")
+            self.writer.log(
+                "evaluation: off: no eval records (set data.eval_path, or use a training file of >= 10 records)"
+            )
 
     def _loop(self, guard) -> dict[str, Any]:
         cfg = self.cfg
@@ -307,7 +319,9 @@ class Trainer:
         meta = {"warmstart_done": True}
         last: dict[str, Any] = {}
         if start >= cfg.steps:
-            self.writer.log(f"already at step {start} of {cfg.steps}: nothing to do (raise --config.steps to train on)")
+            self.writer.log(
+                f"already at step {start} of {cfg.steps}: nothing to do (raise --config.steps to train on)"
+            )
             return last
         if start == 0:
             if cfg.eval.every:
@@ -374,4 +388,8 @@ def config_changes(saved: dict | None, current: dict) -> list[str]:
         return []
     old = _flatten(saved)
     new = _flatten(json.loads(json.dumps(current, default=str)))
-    return [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return [
+        f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]

@@ -33,7 +33,7 @@ def numpy_moe(x, ids, weights, valid, gate, up, down, capacity=None):
     x, ids, weights = map(np.asarray, (x, ids, weights))
     gate, up, down = map(np.asarray, (gate, up, down))
     y = np.zeros_like(x)
-    used = np.zeros(E, int)
+    used = np.zeros(gate.shape[0], int)
     dropped = 0
     for j in range(ids.shape[1]):
         for t in range(ids.shape[0]):

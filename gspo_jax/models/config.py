@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "qwen2_moe")
 MOE_DISPATCH_STRATEGIES = ("auto", "dense", "capacity", "ragged", "tiled")
+EXPERT_PARALLEL_MODES = ("auto", "off")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -68,6 +69,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     moe_dispatch: str = "auto"
     capacity_factor: float = 0.0  # <= 0: dropless (capacity covers the worst case)
+    # auto: all-to-all expert parallelism where the mesh context splits experts; off: GSPMD partitions
+    # the single-device dispatch
+    expert_parallel: str = "auto"
     remat: bool = False  # recompute each decoder layer in the backward pass (activation memory / layers)
 
     def __post_init__(self):
@@ -91,6 +95,8 @@ class ModelConfig:
             errors.append(f"decoder_sparse_step={self.decoder_sparse_step} must be >= 1")
         if self.moe_dispatch not in MOE_DISPATCH_STRATEGIES:
             errors.append(f"moe_dispatch={self.moe_dispatch!r}: use one of {MOE_DISPATCH_STRATEGIES}")
+        if self.expert_parallel not in EXPERT_PARALLEL_MODES:
+            errors.append(f"expert_parallel={self.expert_parallel!r}: use one of {EXPERT_PARALLEL_MODES}")
         for name in ("param_dtype", "dtype"):
             canonical = dtype_name(getattr(self, name))
             if canonical is None:

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gspo_jax import sharding
+
 # Masked attention logits use a large finite negative so fully-masked rows (left padding) stay finite.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -166,9 +168,9 @@ class Attention(nnx.Module):
         Without a cache the keys are this call's own tokens. With one, the T new keys are written at
         slots [cache_start, cache_start + T) and the queries attend over the whole cache.
         """
-        q = self._project(x_btd, "q")
-        k = self._project(x_btd, "k")
-        v = self._project(x_btd, "v")
+        q = sharding.constrain(self._project(x_btd, "q"), ("batch", "seq", "q_heads", "head_dim"))
+        k = sharding.constrain(self._project(x_btd, "k"), ("batch", "seq", "kv_heads", "head_dim"))
+        v = sharding.constrain(self._project(x_btd, "v"), ("batch", "seq", "kv_heads", "head_dim"))
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_cos_sin(pos_bt, self.head_dim, self.rope_theta)
@@ -181,6 +183,7 @@ class Attention(nnx.Module):
             k_pos, k_valid = cache.pos, cache.valid
         mask = attention_mask(pos_bt, k_pos, k_valid, self.window)
         out = grouped_attention(q, keys, values, mask)
+        out = sharding.constrain(out, ("batch", "seq", "q_heads", "head_dim"))
         y = jnp.einsum("bthk,hkd->btd", out, self.o_proj.value.astype(self.dtype))
         if hasattr(self, "o_bias"):
             y = y + self.o_bias.value.astype(self.dtype)
@@ -198,6 +201,9 @@ class SwiGLU(nnx.Module):
         self.down_proj = param(rngs, init, (intermediate, hidden), param_dtype, ("mlp", "embed"))
 
     def __call__(self, x):
+        """x: [B, T, D] or [T, D] (rows split like the batch)."""
         gate = x @ self.gate_proj.value.astype(self.dtype)
         up = x @ self.up_proj.value.astype(self.dtype)
-        return (jax.nn.silu(gate) * up) @ self.down_proj.value.astype(self.dtype)
+        hidden_axes = ("batch", "seq", "mlp") if x.ndim == 3 else ("batch", "mlp")
+        hidden = sharding.constrain(jax.nn.silu(gate) * up, hidden_axes)
+        return hidden @ self.down_proj.value.astype(self.dtype)

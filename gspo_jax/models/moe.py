@@ -10,19 +10,32 @@ agree exactly when nothing is dropped:
             (sorted by expert) run in row tiles, so an expert no token chose is never read (dropless;
             the CPU decode path, where reading weights dominates);
   auto      ragged off CPU; on CPU tiled up to TILED_MAX_TOKENS tokens (decode, prefill), else capacity.
-An expert function maps (tokens routed to local experts, local expert weights) to outputs, so expert
-parallelism can wrap the same functions in a shard_map with all-to-all communication.
+
+Expert parallelism (`expert_parallel_dispatch`, on by default wherever it applies): when the mesh
+context (sharding.use_mesh) splits the experts over a mesh axis of size > 1 and the batch rows over
+that axis too, a `jax.shard_map` takes each device's own rows and its own experts. Each device packs
+its assignments into one fixed-size block per device of the expert axis, swaps blocks with
+`all_to_all`, runs what it received through its local experts with one of the strategies above
+(same interface: rows, routing, local weights), and swaps the outputs back. Expert weights stay where
+they are: with FSDP their D dimension is gathered for the local experts only ([E / ways, D, I], never a
+full [E, D, I]; the gradient is reduce-scattered back), with tensor parallelism each device computes
+its slice of I and the partial outputs are summed. capacity_factor > 0 gives each device's rows
+capacity_dispatch's per-expert room (drops counted over all devices); otherwise blocks are sized for
+the worst case and nothing drops. Routing and the router statistics stay outside, split by rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
+from gspo_jax import sharding
 from gspo_jax.models.layers import SwiGLU, param
 
 
@@ -41,11 +54,28 @@ class RouterStats:
     dropped: jax.Array
 
 
+def _top_k_ids(probs_te, k: int):
+    """[T, k] ids of the k largest entries per row, largest first, ties to the lower id (as top_k).
+
+    k argmax passes rather than `jax.lax.top_k`: XLA's TopK custom call is not split over rows by
+    GSPMD, which all-gathers every token's probabilities to every device to run it.
+    """
+    ids = []
+    for _ in range(k):
+        ids.append(jnp.argmax(probs_te, axis=-1))
+        probs_te = jnp.where(jax.nn.one_hot(ids[-1], probs_te.shape[-1], dtype=bool), -jnp.inf, probs_te)
+    return jnp.stack(ids, axis=-1).astype(jnp.int32)
+
+
 def route(x_td, router_de, top_k: int, norm_topk_prob: bool):
     """Router probabilities [T, E] (fp32 softmax over all experts), top-k ids [T, k] and weights [T, k]."""
-    logits = x_td @ router_de.astype(x_td.dtype)
+    # Tokens (flattened batch rows) stay split like the batch, so top-k runs where its rows are, and
+    # x's cotangent keeps x's layout (else it takes the FSDP-split router's and is resharded).
+    x_td = sharding.constrain(x_td, ("batch", "embed"))
+    logits = sharding.constrain(x_td @ router_de.astype(x_td.dtype), ("batch", None))
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights, ids = jax.lax.top_k(probs, top_k)
+    ids = _top_k_ids(jax.lax.stop_gradient(probs), top_k)
+    weights = jnp.einsum("te,tke->tk", probs, jax.nn.one_hot(ids, probs.shape[-1], dtype=probs.dtype))
     if norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return probs, ids, weights.astype(x_td.dtype)
@@ -80,6 +110,12 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return min(num_tokens, max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
 
 
+def rank_in_group(group_a, num_groups: int, valid_a):
+    """[A] int: how many valid assignments before a (in order) share a's group."""
+    onehot_ag = jax.nn.one_hot(group_a, num_groups, dtype=jnp.int32) * valid_a[:, None]
+    return jnp.sum((jnp.cumsum(onehot_ag, axis=0) - 1) * onehot_ag, axis=1)
+
+
 def capacity_dispatch(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, *, capacity_factor):
     """Per-expert buffers of fixed capacity; first choices claim slots before second choices.
 
@@ -91,8 +127,7 @@ def capacity_dispatch(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_
     capacity = expert_capacity(t, k, num_experts, capacity_factor)
     ids_a = ids_tk.T.reshape(-1)  # assignment a = j * T + t: choice-major order gives top-1 priority
     valid_a = jnp.tile(valid_t, k)
-    onehot_ae = jax.nn.one_hot(ids_a, num_experts, dtype=jnp.int32) * valid_a[:, None]
-    slot_in_expert_a = jnp.sum((jnp.cumsum(onehot_ae, axis=0) - 1) * onehot_ae, axis=1)
+    slot_in_expert_a = rank_in_group(ids_a, num_experts, valid_a)
     kept_a = valid_a & (slot_in_expert_a < capacity)
     slot_a = jnp.where(kept_a, ids_a * capacity + slot_in_expert_a, num_experts * capacity)
     x_a = jnp.tile(x_td, (k, 1))
@@ -237,6 +272,160 @@ def resolve_dispatch(name: str, num_tokens: int | None = None) -> str:
     return name
 
 
+# Logical axes of the stacked expert weights (sharding.py maps them to mesh axes).
+EXPERT_IN_AXES = ("expert", "embed", "expert_mlp")  # gate_proj, up_proj [E, D, I]
+EXPERT_OUT_AXES = ("expert", "expert_mlp", "embed")  # down_proj [E, I, D]
+
+
+def _axes(entry) -> tuple[str, ...]:
+    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallelLayout:
+    """Where expert parallelism runs on the active mesh.
+
+    expert_axis: the mesh axis splitting experts (ways: its size); token_spec: [B, ...] rows split over
+    the batch axes, which include expert_axis; in_spec/out_spec: the expert weights' own specs;
+    embed_axes: mesh axes splitting the weights' D dim (fsdp: gathered per local expert inside the
+    block); mlp_axes: mesh axes splitting I (tensor: partial outputs summed).
+    """
+
+    expert_axis: str
+    ways: int
+    token_spec: PartitionSpec
+    in_spec: PartitionSpec
+    out_spec: PartitionSpec
+    embed_axes: tuple[str, ...]
+    mlp_axes: tuple[str, ...]
+
+    @property
+    def batch_axes(self) -> tuple[str, ...]:
+        return _axes(self.token_spec[0])
+
+
+def expert_parallel_layout(batch: int, gate_shape, down_shape) -> ExpertParallelLayout | None:
+    """The layout under the active mesh context, or None where the single-device dispatch applies:
+    no mesh, experts not split over exactly one mesh axis of size > 1, or `batch` rows that cannot
+    be split over the expert axis."""
+    in_spec = sharding.param_spec(EXPERT_IN_AXES, gate_shape)
+    if in_spec is None or len(_axes(in_spec[0])) != 1:
+        return None
+    (expert_axis,) = _axes(in_spec[0])
+    mesh = jax.sharding.get_abstract_mesh()
+    token_spec = sharding.activation_spec(("batch",), (batch,))
+    batch_axes = _axes(token_spec[0])
+    mlp_axes = _axes(in_spec[2])
+    # Rows must differ across the expert axis (they are exchanged over it) and be the same across
+    # the axes splitting I (those devices sum partial outputs of the same rows).
+    if mesh.shape[expert_axis] == 1 or expert_axis not in batch_axes or set(mlp_axes) & set(batch_axes):
+        return None
+    return ExpertParallelLayout(
+        expert_axis=expert_axis,
+        ways=mesh.shape[expert_axis],
+        token_spec=token_spec,
+        in_spec=in_spec,
+        out_spec=sharding.param_spec(EXPERT_OUT_AXES, down_shape),
+        embed_axes=_axes(in_spec[1]),
+        mlp_axes=mlp_axes,
+    )
+
+
+def _exchange_and_run(
+    x_btd,
+    ids_btk,
+    weights_btk,
+    valid_bt,
+    gate_ldi,
+    up_ldi,
+    down_lid,
+    *,
+    layout,
+    num_experts,
+    capacity_factor,
+    inner,
+):
+    """Per-device body of expert_parallel_dispatch: local tokens [b, t, ...], local experts [L, ...]."""
+    b, t, d = x_btd.shape
+    k = ids_btk.shape[-1]
+    tokens, ways = b * t, layout.ways
+    local = num_experts // ways
+    x_td, weights_tk = x_btd.reshape(tokens, d), weights_btk.reshape(tokens, k)
+    ids_a = ids_btk.reshape(tokens, k).T.reshape(-1)  # a = j * T + t: first choices claim room first
+    valid_a = jnp.tile(valid_bt.reshape(tokens), k)
+    dest_a, local_a = ids_a // local, ids_a % local
+    if capacity_factor > 0:  # per-expert room of `capacity` slots, as in capacity_dispatch
+        capacity = expert_capacity(tokens, k, num_experts, capacity_factor)
+        slot_in_expert_a = rank_in_group(ids_a, num_experts, valid_a)
+        kept_a = valid_a & (slot_in_expert_a < capacity)
+        row_a, rows = local_a * capacity + slot_in_expert_a, local * capacity
+    else:  # a token picks each expert at most once, so at most min(k, L) of its choices live on one device
+        kept_a = valid_a
+        row_a, rows = rank_in_group(dest_a, ways, valid_a), tokens * min(k, local)
+    slot_a = jnp.where(kept_a, dest_a * rows + row_a, ways * rows)
+    send_x = jnp.zeros((ways * rows, d), x_td.dtype).at[slot_a].set(jnp.tile(x_td, (k, 1)), mode="drop")
+    send_e = jnp.full((ways * rows,), local, jnp.int32).at[slot_a].set(local_a, mode="drop")
+
+    def exchange(v):  # row block i goes to device i of the expert axis; block j comes from device j
+        blocks = v.reshape(ways, rows, *v.shape[1:])
+        return jax.lax.all_to_all(blocks, layout.expert_axis, 0, 0, tiled=True).reshape(v.shape)
+
+    recv_x, recv_e = exchange(send_x), exchange(send_e)
+    recv_valid = recv_e < local
+    if layout.mlp_axes:  # the rows meet I-split weights: mark them so (loop carries must match)
+        recv_x = jax.lax.pcast(recv_x, layout.mlp_axes, to="varying")
+    if layout.embed_axes:  # FSDP: gather D of the local experts only (the transpose reduce-scatters)
+        gate_ldi = jax.lax.all_gather(gate_ldi, layout.embed_axes, axis=1, tiled=True)
+        up_ldi = jax.lax.all_gather(up_ldi, layout.embed_axes, axis=1, tiled=True)
+        down_lid = jax.lax.all_gather(down_lid, layout.embed_axes, axis=2, tiled=True)
+    # A local expert receives at most `room` rows (capacity, or every token once, from each device):
+    # the inner capacity strategy is given exactly that room (its slots are factor * rows / experts).
+    room = ways * (capacity if capacity_factor > 0 else tokens)
+    y_r, _ = DISPATCH_STRATEGIES[inner](
+        recv_x,
+        jnp.where(recv_valid, recv_e, 0)[:, None],
+        jnp.ones((ways * rows, 1), x_td.dtype),
+        recv_valid,
+        gate_ldi,
+        up_ldi,
+        down_lid,
+        capacity_factor=room * local / (ways * rows),
+    )
+    if layout.mlp_axes:  # tensor parallel: each device summed over its slice of I
+        y_r = jax.lax.psum(y_r, layout.mlp_axes)
+    y_a = exchange(y_r).at[slot_a].get(mode="fill", fill_value=0)
+    y_td = jnp.einsum("ktd,tk->td", y_a.reshape(k, tokens, d), weights_tk)
+    dropped = jax.lax.psum(jnp.sum(valid_a & ~kept_a).astype(jnp.float32), layout.batch_axes)
+    return y_td.reshape(b, t, d), dropped
+
+
+def expert_parallel_dispatch(
+    x_btd, ids_btk, weights_btk, valid_bt, gate_edi, up_edi, down_eid, *, layout, capacity_factor, inner
+):
+    """Explicit expert parallelism: returns (y [B, T, D], dropped assignments over all devices).
+
+    Each device routes its own rows' assignments into one block of rows per device of the expert
+    axis, swaps blocks with `all_to_all`, runs the received rows through its local experts with the
+    per-device `inner` strategy, and swaps the outputs back. Expert weights never leave their
+    devices: FSDP-split D is gathered for the local experts only. With capacity_factor > 0 each
+    device gives each expert capacity_dispatch's room for its own rows (same priority, drops
+    counted); otherwise blocks are sized for the worst case and nothing drops.
+    """
+    body = functools.partial(
+        _exchange_and_run,
+        layout=layout,
+        num_experts=gate_edi.shape[0],
+        capacity_factor=capacity_factor,
+        inner=inner,
+    )
+    rows = layout.token_spec
+    return jax.shard_map(
+        body,
+        in_specs=(rows, rows, rows, rows, layout.in_spec, layout.in_spec, layout.out_spec),
+        out_specs=(rows, PartitionSpec()),
+    )(x_btd, ids_btk, weights_btk, valid_bt, gate_edi, up_edi, down_eid)
+
+
 class MoeBlock(nnx.Module):
     """Sparse MoE feed-forward (Qwen3-MoE), plus the sigmoid-gated shared expert of Qwen2-MoE."""
 
@@ -249,10 +438,11 @@ class MoeBlock(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
         self.dispatch = cfg.moe_dispatch
         self.capacity_factor = cfg.capacity_factor
+        self.expert_parallel = cfg.expert_parallel
         self.router = param(rngs, init, (d, e), pdt, ("embed", None))
-        self.gate_proj = param(rngs, init, (e, d, i), pdt, ("expert", "embed", "expert_mlp"))
-        self.up_proj = param(rngs, init, (e, d, i), pdt, ("expert", "embed", "expert_mlp"))
-        self.down_proj = param(rngs, init, (e, i, d), pdt, ("expert", "expert_mlp", "embed"))
+        self.gate_proj = param(rngs, init, (e, d, i), pdt, EXPERT_IN_AXES)
+        self.up_proj = param(rngs, init, (e, d, i), pdt, EXPERT_IN_AXES)
+        self.down_proj = param(rngs, init, (e, i, d), pdt, EXPERT_OUT_AXES)
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = SwiGLU(
                 d,
@@ -270,18 +460,28 @@ class MoeBlock(nnx.Module):
         x_td = x_btd.reshape(b * t, d)
         valid_t = valid_bt.reshape(b * t)
         probs_te, ids_tk, weights_tk = route(x_td, self.router.value, self.top_k, self.norm_topk_prob)
-        dispatch = DISPATCH_STRATEGIES[resolve_dispatch(self.dispatch, b * t)]
         # Weights go in as stored: each strategy casts them to x's dtype where it reads them.
-        y_td, dropped = dispatch(
-            x_td,
-            ids_tk,
-            weights_tk,
-            valid_t,
-            self.gate_proj.value,
-            self.up_proj.value,
-            self.down_proj.value,
-            capacity_factor=self.capacity_factor,
-        )
+        experts = (self.gate_proj.value, self.up_proj.value, self.down_proj.value)
+        layout = None
+        if self.expert_parallel == "auto":
+            layout = expert_parallel_layout(b, experts[0].shape, experts[2].shape)
+        if layout is not None:
+            y_btd, dropped = expert_parallel_dispatch(
+                x_btd,
+                ids_tk.reshape(b, t, -1),
+                weights_tk.reshape(b, t, -1),
+                valid_bt,
+                *experts,
+                layout=layout,
+                capacity_factor=self.capacity_factor,
+                inner=resolve_dispatch(self.dispatch, b * t * self.top_k // layout.ways),
+            )
+            y_td = y_btd.reshape(b * t, d)
+        else:
+            dispatch = DISPATCH_STRATEGIES[resolve_dispatch(self.dispatch, b * t)]
+            y_td, dropped = dispatch(
+                x_td, ids_tk, weights_tk, valid_t, *experts, capacity_factor=self.capacity_factor
+            )
         if hasattr(self, "shared_expert"):
             gate = jax.nn.sigmoid(x_td @ self.shared_expert_gate.value.astype(self.dtype))
             y_td = y_td + gate * self.shared_expert(x_td)

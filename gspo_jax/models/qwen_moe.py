@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gspo_jax import sharding
 from gspo_jax.logprobs import lm_head_logits
 from gspo_jax.models.config import ModelConfig
 from gspo_jax.models.layers import Attention, LayerKVCache, RMSNorm, SwiGLU, param
@@ -28,6 +29,9 @@ class DecoderOutput:
     def aux_loss(self):
         """HF's load-balancing loss (without router_aux_loss_coef)."""
         return load_balancing_loss(self.router_stats)
+
+
+RESIDUAL_AXES = ("batch", "seq", "embed")  # logical axes of the residual stream [B, T, D]
 
 
 class DecoderLayer(nnx.Module):
@@ -52,15 +56,18 @@ class DecoderLayer(nnx.Module):
             )
 
     def __call__(self, h_btd, pos_bt, valid_bt, cache, cache_start):
+        # The residual stream keeps one layout at layer boundaries (sharding.ACTIVATION_RULES), so
+        # the collectives around each layer are the same for every layer and predictable.
+        h_btd = sharding.constrain(h_btd, RESIDUAL_AXES)
         attn_out, cache = self.self_attn(self.input_layernorm(h_btd), pos_bt, valid_bt, cache, cache_start)
-        h_btd = h_btd + attn_out
+        h_btd = sharding.constrain(h_btd + attn_out, RESIDUAL_AXES)
         normed = self.post_attention_layernorm(h_btd)
         stats = None
         if self.is_moe:
             mlp_out, stats = self.mlp(normed, valid_bt)
         else:
             mlp_out = self.mlp(normed)
-        return h_btd + mlp_out, cache, stats
+        return sharding.constrain(h_btd + mlp_out, RESIDUAL_AXES), cache, stats
 
 
 def default_positions(valid_bt):
