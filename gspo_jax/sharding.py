@@ -138,20 +138,9 @@ def global_to_host(x: jax.Array, mesh: Mesh) -> np.ndarray:
     return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, spec))
 
 
-def commit_to_mesh(tree, mesh: Mesh):
-    """Places leaves not yet laid out on `mesh` (e.g. optimizer step counters) replicated on it, so a
-    jitted step sees the same input shardings on its first call as on later ones (no recompilation).
-    Goes through jit, which (unlike device_put) can target devices of other processes."""
-    leaves, treedef = jax.tree.flatten(tree)
-    on_mesh = [
-        isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
-        for x in leaves
-    ]
-    moving = [x for x, ok in zip(leaves, on_mesh) if not ok]
-    if moving:
-        moved = iter(jax.jit(lambda xs: xs, out_shardings=replicated(mesh))(moving))
-        leaves = [x if ok else next(moved) for x, ok in zip(leaves, on_mesh)]
-    return jax.tree.unflatten(treedef, leaves)
+def shardings_of(tree):
+    """The tree of its leaves' shardings (arrays, or ShapeDtypeStructs that carry one)."""
+    return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def sum_over_hosts(x) -> np.ndarray:

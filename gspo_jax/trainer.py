@@ -22,7 +22,7 @@ from gspo_jax.data import eval_batches, make_prompt_dataset
 from gspo_jax.evaluation import evaluate
 from gspo_jax.optim import make_optimizer
 from gspo_jax.plots import plot_metrics
-from gspo_jax.policy import build_policy, total_updates
+from gspo_jax.policy import build_policy, init_train_state, total_updates, train_state_shardings
 from gspo_jax.preemption import PreemptionGuard
 from gspo_jax.rewards import RewardSet
 from gspo_jax.sampler import Sampler
@@ -88,10 +88,13 @@ class Trainer:
             minibatches=cfg.algo.minibatches,
             iterations=cfg.algo.iterations,
         )
-        self.train_fn = make_train_fn(self.policy.graphdef, self.optimizer, self.settings)
+        state_shardings = train_state_shardings(self.optimizer, self.policy.params)
+        self.train_fn = make_train_fn(self.policy.graphdef, self.optimizer, self.settings, state_shardings)
         self.score_fn = make_score_fn(self.policy.graphdef, self.settings)
         self.rollout_dtype = jnp.dtype(cfg.model.rollout_dtype or cfg.model.param_dtype)
-        self.cast_for_rollout = jax.jit(lambda p: _cast_params(p, self.rollout_dtype))
+        self.cast_for_rollout = jax.jit(
+            lambda p: _cast_params(p, self.rollout_dtype), out_shardings=state_shardings.params
+        )
         self.sampler = Sampler(
             self.policy.graphdef,
             max_new_tokens=cfg.rollout.max_new_tokens,
@@ -144,11 +147,7 @@ class Trainer:
     # ---- phases ----
 
     def initial_state(self) -> TrainState:
-        params = self.policy.params
-        state = TrainState(
-            params=params, opt_state=jax.jit(self.optimizer.init)(params), step=jnp.zeros((), jnp.int32)
-        )
-        return sharding.commit_to_mesh(state, self.mesh)
+        return init_train_state(self.optimizer, self.policy.params)
 
     def greedy_eval(self, params) -> dict[str, float]:
         rollout_params = self.cast_for_rollout(params)
@@ -199,7 +198,6 @@ class Trainer:
             seed=cfg.seed,
             logprob_chunk=cfg.model.logprob_chunk,
             place=self._rows,
-            commit=lambda tree: sharding.commit_to_mesh(tree, self.mesh),
             on_eval=on_eval,
             eval_every=cfg.warmstart.eval_every,
             on_step=on_step,

@@ -130,8 +130,14 @@ def _masked_mean(x, mask):
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def make_train_fn(graphdef, optimizer: optax.GradientTransformation, settings: UpdateSettings) -> Callable:
-    """jit(state, batch, key) -> (state, metrics [iterations, minibatches]); the state is donated."""
+def make_train_fn(
+    graphdef, optimizer: optax.GradientTransformation, settings: UpdateSettings, state_shardings=None
+) -> Callable:
+    """jit(state, batch, key) -> (state, metrics [iterations, minibatches]); the state is donated.
+
+    state_shardings (a TrainState of shardings, policy.train_state_shardings) pins the new state to the
+    old one's layout, which GSPMD would otherwise choose per leaf: equal in and out shardings let the
+    donated buffers be reused and keep step 2 from recompiling."""
 
     def loss_fn(params, mb: RolloutBatch):
         model = nnx.merge(graphdef, params)
@@ -193,4 +199,5 @@ def make_train_fn(graphdef, optimizer: optax.GradientTransformation, settings: U
 
         return jax.lax.scan(one_pass, state, jax.random.split(key, settings.iterations))
 
-    return jax.jit(train, donate_argnums=(0,))
+    out_shardings = None if state_shardings is None else (state_shardings, None)
+    return jax.jit(train, donate_argnums=(0,), out_shardings=out_shardings)
