@@ -143,20 +143,27 @@ def shardings_of(tree):
     return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def sum_over_hosts(x) -> np.ndarray:
-    """Element-wise sum of a small host array over all processes (identity with one process)."""
-    x = np.asarray(x, np.float64)
+def _gathered(x) -> np.ndarray:
+    """[process_count, ...]: `x` from every process, in process order ([1, ...] with one process)."""
+    x = np.asarray(x)
     if jax.process_count() == 1:
-        return x
+        return x[None]
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(x)).sum(axis=0)
+    return np.asarray(multihost_utils.process_allgather(x))
+
+
+def sum_over_hosts(x) -> np.ndarray:
+    """Element-wise sum of a small host array over all processes (identity with one process)."""
+    return _gathered(np.asarray(x, np.float64)).sum(axis=0)
 
 
 def all_processes_agree(ok: bool) -> bool:
     """True iff `ok` holds on every process, so all processes take the same branch."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
+    return bool(np.all(_gathered(bool(ok))))
 
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+def max_over_hosts(x: int) -> int:
+    """The largest of a host-local integer over all processes, for sizes decided from local data (a
+    bucket width): every process must build the same global shape, or collectives mismatch or hang."""
+    return int(np.max(_gathered(int(x))))

@@ -18,7 +18,7 @@ import numpy as np
 
 from gspo_jax import checkpoint as ckpt
 from gspo_jax import losses, metrics, rollout, sharding
-from gspo_jax.data import eval_batches, make_prompt_dataset
+from gspo_jax.data import PromptBatch, eval_batches, make_prompt_dataset, widen
 from gspo_jax.evaluation import evaluate
 from gspo_jax.optim import make_optimizer
 from gspo_jax.plots import plot_metrics
@@ -75,19 +75,7 @@ class Trainer:
             process_count=jax.process_count(),
         )
         self.optimizer = make_optimizer(cfg.optim, total_updates(cfg))
-        aux_coef = cfg.model.aux_loss_coef
-        self.settings = UpdateSettings(
-            level=cfg.algo.importance_sampling_level,
-            eps_low=cfg.algo.eps_low,
-            eps_high=cfg.algo.eps_high,
-            aggregation=cfg.algo.aggregation,
-            beta=cfg.algo.beta,
-            aux_loss_coef=self.policy.config.router_aux_loss_coef if aux_coef is None else aux_coef,
-            temperature=cfg.rollout.temperature or 1.0,
-            logprob_chunk=cfg.model.logprob_chunk,
-            minibatches=cfg.algo.minibatches,
-            iterations=cfg.algo.iterations,
-        )
+        self.settings = UpdateSettings.from_config(cfg, self.policy.config.router_aux_loss_coef)
         state_shardings = train_state_shardings(self.optimizer, self.policy.params)
         self.train_fn = make_train_fn(self.policy.graphdef, self.optimizer, self.settings, state_shardings)
         self.score_fn = make_score_fn(self.policy.graphdef, self.settings)
@@ -144,6 +132,11 @@ class Trainer:
     def _host(self, x: jax.Array) -> np.ndarray:
         return sharding.global_to_host(x, self.mesh)
 
+    def _prompts(self, batch: PromptBatch) -> tuple[jax.Array, jax.Array]:
+        """Global [N, P] prompt ids and mask; P is the widest host's bucket, so all hosts agree on it."""
+        batch = widen(batch, sharding.max_over_hosts(batch.prompt_ids.shape[1]), self.pad_id)
+        return self._rows(batch.prompt_ids), self._rows(batch.prompt_mask)
+
     # ---- phases ----
 
     def initial_state(self) -> TrainState:
@@ -154,9 +147,7 @@ class Trainer:
         is_correct = self.data.task.is_correct if self.data.task is not None else None
 
         def generate(batch):
-            out = self.eval_sampler(
-                rollout_params, self._rows(batch.prompt_ids), self._rows(batch.prompt_mask), jax.random.key(0)
-            )
+            out = self.eval_sampler(rollout_params, *self._prompts(batch), jax.random.key(0))
             return self._host(out.completion_ids), self._host(out.completion_mask)
 
         return evaluate(
@@ -209,7 +200,7 @@ class Trainer:
         t_start = time.perf_counter()
         batch = next(self.data)
         sample_key, train_key = jax.random.split(jax.random.fold_in(self.base_key, step))
-        prompt_ids, prompt_mask = self._rows(batch.prompt_ids), self._rows(batch.prompt_mask)
+        prompt_ids, prompt_mask = self._prompts(batch)
         out = self.sampler(self.cast_for_rollout(state.params), prompt_ids, prompt_mask, sample_key)
         ids, mask = self._host(out.completion_ids), self._host(out.completion_mask)
         t_rollout = time.perf_counter()
@@ -223,7 +214,8 @@ class Trainer:
         )
         t_reward = time.perf_counter()
 
-        width = rollout.completion_bucket(int(scored.lengths.max()), cfg.rollout.max_new_tokens)
+        longest = sharding.max_over_hosts(scored.lengths.max())  # every host trains the same global width
+        width = rollout.completion_bucket(longest, cfg.rollout.max_new_tokens)
         completion_ids = out.completion_ids[:, :width]
         completion_mask = out.completion_mask[:, :width].astype(jnp.float32)
         tokens = jnp.concatenate([jnp.repeat(prompt_ids, self.group, axis=0), completion_ids], axis=1)

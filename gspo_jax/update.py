@@ -65,6 +65,23 @@ class UpdateSettings:
     minibatches: int
     iterations: int
 
+    @classmethod
+    def from_config(cls, cfg, router_aux_loss_coef: float) -> "UpdateSettings":
+        """From the run config; model.aux_loss_coef None takes the model's own router_aux_loss_coef."""
+        aux_coef = cfg.model.aux_loss_coef
+        return cls(
+            level=cfg.algo.importance_sampling_level,
+            eps_low=cfg.algo.eps_low,
+            eps_high=cfg.algo.eps_high,
+            aggregation=cfg.algo.aggregation,
+            beta=cfg.algo.beta,
+            aux_loss_coef=router_aux_loss_coef if aux_coef is None else aux_coef,
+            temperature=cfg.rollout.temperature or 1.0,
+            logprob_chunk=cfg.model.logprob_chunk,
+            minibatches=cfg.algo.minibatches,
+            iterations=cfg.algo.iterations,
+        )
+
 
 def completion_logprobs(
     model,
