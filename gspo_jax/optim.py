@@ -56,7 +56,7 @@ def state_shardings(optimizer: optax.GradientTransformation, params):
 
     def like_param(moment, param):
         if moment.shape != param.shape:
-            raise ValueError(f"optimizer moment of shape {moment.shape} for a parameter of shape {param.shape}")
+            raise ValueError(f"optimizer moment of shape {moment.shape} for a parameter of {param.shape}")
         return param.sharding
 
     return optax.tree_map_params(

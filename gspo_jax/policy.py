@@ -90,9 +90,8 @@ def init_train_state(optimizer, params) -> TrainState:
     `train_state_shardings` (never placed on one device first), so the jitted phases see the same
     shardings on every call."""
     shardings = train_state_shardings(optimizer, params)
-    opt_state, step = jax.jit(_fresh_optimizer_state(optimizer), out_shardings=(shardings.opt_state, shardings.step))(
-        params
-    )
+    fresh = jax.jit(_fresh_optimizer_state(optimizer), out_shardings=(shardings.opt_state, shardings.step))
+    opt_state, step = fresh(params)
     return TrainState(params=params, opt_state=opt_state, step=step)
 
 

@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gspo_jax import losses
+from gspo_jax.sharding import BATCH_AXES
 from gspo_jax.logprobs import token_logprobs_from_hidden
 from gspo_jax.models.moe import load_balancing_loss
 
@@ -208,11 +210,24 @@ def make_train_fn(
         metrics |= {"loss": total, "grad_norm": grad_norm, "update_skipped": (~finite).astype(jnp.float32)}
         return new_state, metrics
 
+    def rows_split(minibatches: RolloutBatch) -> RolloutBatch:
+        """Keeps each minibatch's rows split over the batch axes: GSPMD would otherwise replicate the
+        shuffled (gathered) batch, and every device would run the whole minibatch."""
+        if state_shardings is None:
+            return minibatches
+        mesh = jax.tree.leaves(state_shardings)[0].mesh
+        return jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(
+                x, NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 2))))
+            ),
+            minibatches,
+        )
+
     def train(state: TrainState, batch: RolloutBatch, key):
         def one_pass(state, pass_key):
             order = jax.random.permutation(pass_key, batch.tokens.shape[0])
             shuffled = jax.tree.map(lambda x: x[order], batch)
-            return jax.lax.scan(update, state, _minibatches(shuffled, settings.minibatches))
+            return jax.lax.scan(update, state, rows_split(_minibatches(shuffled, settings.minibatches)))
 
         return jax.lax.scan(one_pass, state, jax.random.split(key, settings.iterations))
 
