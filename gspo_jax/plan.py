@@ -23,7 +23,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 from gspo_jax import optim, policy, sharding
 from gspo_jax.models.config import ModelConfig
 from gspo_jax.models.hf import abstract_model
-from gspo_jax.update import TrainState
+from gspo_jax.update import RolloutBatch, TrainState, UpdateSettings, make_train_fn
 
 GiB = 2**30
 # Memory per chip. XLA needs room for its own temporaries and fragmentation: plans use USABLE of it.
@@ -52,7 +52,8 @@ def _abstract_mesh(cfg, num_devices: int) -> AbstractMesh:
 def _bytes_per_device(tree) -> int:
     """Bytes of one device's shard of every leaf (ShapeDtypeStructs with shardings)."""
     return sum(
-        math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+        math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
     )
 
 
@@ -60,7 +61,9 @@ def abstract_state(cfg, mcfg: ModelConfig, mesh) -> TrainState:
     """The train state as ShapeDtypeStructs in the trainer's shardings (policy.train_state_shardings)."""
     abstract = _abstract_params(mcfg)
     shardings = sharding.param_shardings(abstract, mesh, cfg.mesh.rules.to_dict())
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    params = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
     optimizer = optim.make_optimizer(cfg.optim, policy.total_updates(cfg))
     state_shardings = policy.train_state_shardings(optimizer, params)
     opt_state = jax.eval_shape(optimizer.init, params)
@@ -140,12 +143,19 @@ def step_flops(cfg, mcfg: ModelConfig, active: int) -> dict[str, float]:
     """FLOPs of one RL step at the config's batch with every completion at full length."""
     rows, prompt, new = sequence_shape(cfg)
     slots = prompt + new
-    rollout = forward_flops(mcfg, active, rows * prompt, prompt) + forward_flops(mcfg, active, rows * new, slots)
+    rollout = forward_flops(mcfg, active, rows * prompt, prompt) + forward_flops(
+        mcfg, active, rows * new, slots
+    )
     seq = forward_flops(mcfg, active, rows * (slots - 1), slots - 1)
     passes = int(cfg.algo.old_logprobs == "trainer") + int(cfg.algo.beta > 0)
     # Backward is twice the forward; rematerialised layers run the forward once more.
     update = cfg.algo.iterations * (4 if mcfg.remat else 3) * seq
-    return {"rollout": rollout, "scoring": passes * seq, "update": update, "total": rollout + passes * seq + update}
+    return {
+        "rollout": rollout,
+        "scoring": passes * seq,
+        "update": update,
+        "total": rollout + passes * seq + update,
+    }
 
 
 def plan(cfg, num_devices: int, accelerator: str | None = None) -> dict:
@@ -220,10 +230,27 @@ def fitting_mesh(cfg, num_devices: int, accelerator: str) -> dict:
     return {"num_devices": None, "mesh": None, "peak_bytes": None}
 
 
+def abstract_rollout_batch(mesh, rows: int, prompt_len: int, width: int):
+    """A RolloutBatch of ShapeDtypeStructs, rows split over the batch axes like the trainer's."""
+
+    def rowwise(shape, dtype):
+        spec = PartitionSpec(sharding.BATCH_AXES, *([None] * (len(shape) - 1)))
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+    per_token = rowwise((rows, width), jnp.float32)
+    return RolloutBatch(
+        tokens=rowwise((rows, prompt_len + width), jnp.int32),
+        valid=rowwise((rows, prompt_len + width), jnp.bool_),
+        completion_mask=per_token,
+        advantages=rowwise((rows,), jnp.float32),
+        old_logp=per_token,
+        sampler_logp=per_token,
+        ref_logp=per_token,
+    )
+
+
 def compiled_memory(cfg) -> dict[str, float]:
     """XLA's memory analysis (per device) of the train step compiled on the current devices."""
-    from gspo_jax.update import RolloutBatch, UpdateSettings, make_train_fn
-
     mesh = sharding.make_mesh(cfg.mesh)
     mcfg = policy.model_config(cfg)
     target, graphdef = policy.abstract_train_state(cfg, mesh)
@@ -231,22 +258,7 @@ def compiled_memory(cfg) -> dict[str, float]:
     optimizer = optim.make_optimizer(cfg.optim, policy.total_updates(cfg))
     settings = UpdateSettings.from_config(cfg, mcfg.router_aux_loss_coef)
     train = make_train_fn(graphdef, optimizer, settings, sharding.shardings_of(state))
-    rows, prompt, new = sequence_shape(cfg)
-
-    def rowwise(shape, dtype):
-        spec = PartitionSpec(sharding.BATCH_AXES, *([None] * (len(shape) - 1)))
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
-
-    per_token = rowwise((rows, new), jnp.float32)
-    batch = RolloutBatch(
-        tokens=rowwise((rows, prompt + new), jnp.int32),
-        valid=rowwise((rows, prompt + new), jnp.bool_),
-        completion_mask=per_token,
-        advantages=rowwise((rows,), jnp.float32),
-        old_logp=per_token,
-        sampler_logp=per_token,
-        ref_logp=per_token,
-    )
+    batch = abstract_rollout_batch(mesh, *sequence_shape(cfg))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
     stats = train.lower(state, batch, key).compile().memory_analysis()
     return {
@@ -257,7 +269,7 @@ def compiled_memory(cfg) -> dict[str, float]:
 
 
 def format_plan(p: dict) -> str:
-    gb = lambda x: f"{x / GiB:9.2f} GiB"  # noqa: E731
+    gb = lambda x: f"{x / GiB:9.2f} GiB"
     m = p["bytes_per_device"]
     lines = [
         f"model {p['model']}: {p['params_total']:,} parameters, {p['params_active']:,} active per token",
@@ -267,8 +279,7 @@ def format_plan(p: dict) -> str:
         f"  {'activations':<17}{gb(m['activations'])}",
         *(f"  {name:<17}{gb(m[name])}" for name in ("kv_cache", "rollout_copy", "reference")),
         f"  train peak   {gb(m['train_peak'])}   rollout peak {gb(m['rollout_peak'])}",
-        "FLOPs per RL step: "
-        + ", ".join(f"{k} {v:.3e}" for k, v in p["flops_per_step"].items()),
+        "FLOPs per RL step: " + ", ".join(f"{k} {v:.3e}" for k, v in p["flops_per_step"].items()),
     ]
     if "accelerator" in p:
         verdict = "fits" if p["fits"] else "does NOT fit"
@@ -296,9 +307,13 @@ def main():
     from ml_collections import config_flags
 
     config = config_flags.DEFINE_config_file("config", "configs/qwen_moe.py", "Run config (as for train).")
-    accelerator = flags.DEFINE_enum("accelerator", None, list(ACCELERATORS), "Check the plan against its HBM.")
+    accelerator = flags.DEFINE_enum(
+        "accelerator", None, list(ACCELERATORS), "Check the plan against its HBM."
+    )
     num_devices = flags.DEFINE_integer(
-        "num_devices", 0, "Mesh size to plan for; 0: the config's fixed mesh product, else jax.device_count()."
+        "num_devices",
+        0,
+        "Mesh size to plan for; 0: the config's fixed mesh product, else jax.device_count().",
     )
     json_path = flags.DEFINE_string("json", "", "Also write the plan as JSON to this file.")
     compile_step = flags.DEFINE_bool("compile", False, "Compile the train step here and add XLA's numbers.")

@@ -18,9 +18,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gspo_jax import losses
-from gspo_jax.sharding import BATCH_AXES
 from gspo_jax.logprobs import token_logprobs_from_hidden
 from gspo_jax.models.moe import load_balancing_loss
+from gspo_jax.sharding import BATCH_AXES
 
 
 @jax.tree_util.register_dataclass
@@ -68,7 +68,7 @@ class UpdateSettings:
     iterations: int
 
     @classmethod
-    def from_config(cls, cfg, router_aux_loss_coef: float) -> "UpdateSettings":
+    def from_config(cls, cfg, router_aux_loss_coef: float) -> UpdateSettings:
         """From the run config; model.aux_loss_coef None takes the model's own router_aux_loss_coef."""
         aux_coef = cfg.model.aux_loss_coef
         return cls(

@@ -6,16 +6,15 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import micro_config as micro
 import optax
 import pytest
 
-import micro_config as micro
-from gspo_jax import sharding
+from gspo_jax import plan, sharding
 from gspo_jax.models import config as model_config
 from gspo_jax.optim import init_state
 from gspo_jax.policy import abstract_train_state
 from gspo_jax.trainer import Trainer
-from gspo_jax.update import RolloutBatch
 from gspo_jax.warmstart import make_sft_step
 
 MESH = {"mesh.num_devices": 8, "mesh.data": 1, "mesh.fsdp": 2, "mesh.expert": 4, "mesh.tensor": 1}
@@ -88,26 +87,9 @@ def test_abstract_train_state_matches_the_created_one(cfg, trainer):
         assert abstract.sharding == array.sharding
 
 
-def _rollout_batch(trainer, rows: int, prompt_len: int, width: int) -> RolloutBatch:
-    def like(shape, dtype):
-        placement = trainer.batch_rows if len(shape) == 2 else trainer.batch_vec
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=placement)
-
-    per_token = like((rows, width), jnp.float32)
-    return RolloutBatch(
-        tokens=like((rows, prompt_len + width), jnp.int32),
-        valid=like((rows, prompt_len + width), jnp.bool_),
-        completion_mask=per_token,
-        advantages=like((rows,), jnp.float32),
-        old_logp=per_token,
-        sampler_logp=per_token,
-        ref_logp=per_token,
-    )
-
-
 def test_compiled_phases_return_the_state_in_its_input_shardings(trainer):
     state = trainer.initial_state()
-    batch = _rollout_batch(trainer, rows=32, prompt_len=8, width=8)
+    batch = plan.abstract_rollout_batch(trainer.mesh, rows=32, prompt_len=8, width=8)
     compiled = trainer.train_fn.lower(state, batch, jax.random.key(0)).compile()
     state_in = jax.tree.leaves(compiled.input_shardings[0][0])
     state_out = jax.tree.leaves(compiled.output_shardings[0])
