@@ -321,6 +321,19 @@ def _collate(
     )
 
 
+def widen(batch: PromptBatch, width: int, pad_id: int) -> PromptBatch:
+    """`batch` left-padded to `width` columns (hosts bucket their own rows; the global batch takes the
+    widest host's width)."""
+    extra = width - batch.prompt_ids.shape[1]
+    if extra < 0:
+        raise ValueError(f"cannot narrow a batch of width {batch.prompt_ids.shape[1]} to {width}")
+    return dataclasses.replace(
+        batch,
+        prompt_ids=np.pad(batch.prompt_ids, ((0, 0), (extra, 0)), constant_values=pad_id),
+        prompt_mask=np.pad(batch.prompt_mask, ((0, 0), (extra, 0))),
+    )
+
+
 def _pad_id(tokenizer: Any) -> int:
     if tokenizer.pad_token_id is None:
         raise ValueError(

@@ -1,10 +1,13 @@
-"""The optax optimizer of a training phase: global-norm clipping, then AdamW on a warmup + decay schedule."""
+"""The optax optimizer of a training phase (global-norm clipping, then AdamW on a warmup + decay schedule),
+and its state created directly in the shardings of the parameters it updates."""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 # What follows the warmup, by `optim.schedule`: (optim_cfg, updates after warmup) -> schedule.
 SCHEDULES: dict[str, Callable[[Any, int], optax.Schedule]] = {
@@ -47,3 +50,37 @@ def make_optimizer(optim_cfg, total_updates: int) -> optax.GradientTransformatio
             weight_decay=optim_cfg.weight_decay,
         ),
     )
+
+
+def state_shardings(optimizer: optax.GradientTransformation, params):
+    """Shardings of `optimizer.init(params)`: every per-parameter moment laid out like its parameter,
+    everything else (step counters, empty states) replicated on the parameters' mesh.
+
+    params: arrays or ShapeDtypeStructs, each with a NamedSharding on one mesh; allocates nothing."""
+    leaves = jax.tree.leaves(params)
+    meshes = {getattr(p.sharding, "mesh", None) for p in leaves}
+    if len(meshes) != 1 or None in meshes:
+        raise ValueError(
+            "optimizer state shardings need every parameter placed with a NamedSharding on one mesh "
+            "(build the parameters with policy.build_policy or sharding.param_shardings)"
+        )
+    replicated = NamedSharding(meshes.pop(), PartitionSpec())
+    abstract = jax.eval_shape(optimizer.init, params)
+
+    def like_param(moment, param):
+        if moment.shape != param.shape:
+            raise ValueError(f"optimizer moment of shape {moment.shape} for a parameter of {param.shape}")
+        return param.sharding
+
+    return optax.tree_map_params(
+        optimizer,
+        like_param,
+        abstract,
+        params,
+        transform_non_params=lambda subtree: jax.tree.map(lambda _: replicated, subtree),
+    )
+
+
+def init_state(optimizer: optax.GradientTransformation, params):
+    """optimizer.init(params), created directly in `state_shardings` (nothing is placed, then moved)."""
+    return jax.jit(optimizer.init, out_shardings=state_shardings(optimizer, params))(params)

@@ -10,11 +10,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gspo_jax import sharding
+from gspo_jax import optim, sharding
 from gspo_jax.models.config import PRESETS, ModelConfig
 from gspo_jax.models.hf import abstract_model, from_pretrained
 from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
-from gspo_jax.optim import make_optimizer
 from gspo_jax.update import TrainState
 
 
@@ -60,37 +59,68 @@ def build_policy(cfg, mesh) -> Policy:
         )
         _, params = nnx.split(model)
     else:
-
-        def init(key):
-            return nnx.split(QwenMoeForCausalLM(mcfg, rngs=nnx.Rngs(params=key)))[1]
-
-        params = jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.seed))
+        params = init_params(mcfg, shardings, cfg.seed)
     return Policy(mcfg, graphdef, params)
+
+
+def init_params(mcfg: ModelConfig, shardings: nnx.State, seed: int) -> nnx.State:
+    """A fresh random initialisation, each parameter created directly in its sharding."""
+
+    def init(key):
+        return nnx.split(QwenMoeForCausalLM(mcfg, rngs=nnx.Rngs(params=key)))[1]
+
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
 def total_updates(cfg) -> int:
     return cfg.steps * cfg.algo.minibatches * cfg.algo.iterations
 
 
+def train_state_shardings(optimizer, params) -> TrainState:
+    """A TrainState of NamedShardings: parameters as placed, each optimizer moment like its parameter,
+    counters replicated. params: arrays or ShapeDtypeStructs with shardings; allocates nothing."""
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    return TrainState(
+        params=sharding.shardings_of(params),
+        opt_state=optim.state_shardings(optimizer, params),
+        step=sharding.replicated(mesh),
+    )
+
+
+def init_train_state(optimizer, params) -> TrainState:
+    """The state of a fresh run around placed `params`: moments and counters are created directly in
+    `train_state_shardings` (never placed on one device first), so the jitted phases see the same
+    shardings on every call."""
+    shardings = train_state_shardings(optimizer, params)
+    fresh = jax.jit(_fresh_optimizer_state(optimizer), out_shardings=(shardings.opt_state, shardings.step))
+    opt_state, step = fresh(params)
+    return TrainState(params=params, opt_state=opt_state, step=step)
+
+
+def _fresh_optimizer_state(optimizer):
+    """params -> (optimizer state, update counter) of a run that has not updated yet."""
+    return lambda params: (optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
 def abstract_train_state(cfg, mesh):
     """({"train": TrainState, "rng": key[, "ref": params]} of ShapeDtypeStructs with shardings, graphdef); allocates nothing.
 
-    The restore target for tools that only read a run's checkpoint (export)."""
+    The restore target for tools that only read a run's checkpoint (export); laid out exactly like
+    `init_train_state`."""
     graphdef, abstract = abstract_model(model_config(cfg))
     shardings = sharding.param_shardings(abstract, mesh, cfg.mesh.rules.to_dict())
     params = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    init = jax.jit(make_optimizer(cfg.optim, total_updates(cfg)).init)
-    opt_shardings = init.lower(params).compile().output_shardings
-    opt_state = jax.tree.map(
+    optimizer = optim.make_optimizer(cfg.optim, total_updates(cfg))
+    opt_state, step = jax.eval_shape(_fresh_optimizer_state(optimizer), params)
+    state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        jax.eval_shape(init, params),
-        opt_shardings,
+        TrainState(params=params, opt_state=opt_state, step=step),
+        train_state_shardings(optimizer, params),
     )
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
     rng = jax.eval_shape(lambda: jax.random.key(0))
-    tree = {"train": TrainState(params=params, opt_state=opt_state, step=step), "rng": rng}
+    tree = {"train": state, "rng": rng}
     if cfg.algo.beta > 0:
         tree["ref"] = params  # the KL reference (the policy RL started from)
     return tree, graphdef

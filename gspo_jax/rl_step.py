@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gspo_jax import losses, metrics, rollout, sharding
-from gspo_jax.data import PromptBatch
+from gspo_jax.data import PromptBatch, widen
 from gspo_jax.optim import make_optimizer
-from gspo_jax.policy import Policy, total_updates
+from gspo_jax.policy import Policy, total_updates, train_state_shardings
 from gspo_jax.rewards import RewardSet
 from gspo_jax.sampler import Sampler
 from gspo_jax.update import RolloutBatch, TrainState, UpdateSettings, make_score_fn, make_train_fn
@@ -72,27 +72,20 @@ class RLStep:
         self.rewards = rewards
         self.stop_ids = stop_ids
         self.group = cfg.rollout.group_size
-        aux_coef = cfg.model.aux_loss_coef
-        self.settings = UpdateSettings(
-            level=cfg.algo.importance_sampling_level,
-            eps_low=cfg.algo.eps_low,
-            eps_high=cfg.algo.eps_high,
-            aggregation=cfg.algo.aggregation,
-            beta=cfg.algo.beta,
-            aux_loss_coef=policy.config.router_aux_loss_coef if aux_coef is None else aux_coef,
-            temperature=cfg.rollout.temperature or 1.0,
-            logprob_chunk=cfg.model.logprob_chunk,
-            minibatches=cfg.algo.minibatches,
-            iterations=cfg.algo.iterations,
-        )
+        self.settings = UpdateSettings.from_config(cfg, policy.config.router_aux_loss_coef)
         self.optimizer = make_optimizer(cfg.optim, total_updates(cfg))
         # Jitted phases trace under the mesh context: model code reads it for expert parallelism and
         # activation sharding constraints.
         on_mesh = functools.partial(sharding.on_mesh, mesh=mesh, rules=cfg.mesh.rules.to_dict())
-        self.train_fn = on_mesh(make_train_fn(policy.graphdef, self.optimizer, self.settings))
+        state_shardings = train_state_shardings(self.optimizer, policy.params)
+        self.train_fn = on_mesh(
+            make_train_fn(policy.graphdef, self.optimizer, self.settings, state_shardings)
+        )
         self.score_fn = on_mesh(make_score_fn(policy.graphdef, self.settings))
         rollout_dtype = jnp.dtype(cfg.model.rollout_dtype or cfg.model.param_dtype)
-        self.cast_for_rollout = jax.jit(lambda p: _cast_params(p, rollout_dtype))
+        self.cast_for_rollout = jax.jit(
+            lambda p: _cast_params(p, rollout_dtype), out_shardings=state_shardings.params
+        )
         self.sampler = on_mesh(
             Sampler(
                 policy.graphdef,
@@ -114,6 +107,8 @@ class RLStep:
         cfg = self.cfg
         t_start = time.perf_counter()
         sample_key, train_key = jax.random.split(key)
+        # P is the widest host's bucket, so every host builds the same global shape.
+        batch = widen(batch, sharding.max_over_hosts(batch.prompt_ids.shape[1]), self.tokenizer.pad_token_id)
         prompt_ids = sharding.place_batch(batch.prompt_ids, self.mesh)  # [N, P]
         prompt_mask = sharding.place_batch(batch.prompt_mask, self.mesh)
         out = self.sampler(self.cast_for_rollout(state.params), prompt_ids, prompt_mask, sample_key)
@@ -130,7 +125,8 @@ class RLStep:
         )
         t_reward = time.perf_counter()
 
-        width = rollout.completion_bucket(int(scored.lengths.max()), cfg.rollout.max_new_tokens)
+        longest = sharding.max_over_hosts(scored.lengths.max())  # every host trains the same global width
+        width = rollout.completion_bucket(longest, cfg.rollout.max_new_tokens)
         layout = rollout.training_layout(prompt_ids, prompt_mask, out, self.group, width)
         if cfg.algo.old_logprobs == "trainer":
             old_logp_bc = self.score_fn(

@@ -160,39 +160,29 @@ def global_to_host(x: jax.Array, mesh: Mesh) -> np.ndarray:
     return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, spec))
 
 
-def commit_to_mesh(tree, mesh: Mesh):
-    """Places leaves not yet laid out on `mesh` (e.g. optimizer step counters) replicated on it, so a
-    jitted step sees the same input shardings on its first call as on later ones (no recompilation).
-    Goes through jit, which (unlike device_put) can target devices of other processes."""
-    leaves, treedef = jax.tree.flatten(tree)
-    on_mesh = [
-        isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
-        for x in leaves
-    ]
-    moving = [x for x, ok in zip(leaves, on_mesh) if not ok]
-    if moving:
-        moved = iter(jax.jit(lambda xs: xs, out_shardings=replicated(mesh))(moving))
-        leaves = [x if ok else next(moved) for x, ok in zip(leaves, on_mesh)]
-    return jax.tree.unflatten(treedef, leaves)
+def shardings_of(tree):
+    """The tree of its leaves' shardings (arrays, or ShapeDtypeStructs that carry one)."""
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def _gathered(x) -> np.ndarray:
+    """[process_count, ...]: `x` from every process, in process order ([1, ...] with one process)."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x))
 
 
 def sum_over_hosts(x) -> np.ndarray:
     """Element-wise sum of a small host array over all processes (identity with one process)."""
-    x = np.asarray(x, np.float64)
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x)).sum(axis=0)
+    return _gathered(np.asarray(x, np.float64)).sum(axis=0)
 
 
 def all_processes_agree(ok: bool) -> bool:
     """True iff `ok` holds on every process, so all processes take the same branch."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+    return bool(np.all(_gathered(bool(ok))))
 
 
 def config_errors(mesh_cfg, batch_sizes: dict[str, int], num_devices: int | None = None) -> list[str]:
@@ -210,6 +200,8 @@ def config_errors(mesh_cfg, batch_sizes: dict[str, int], num_devices: int | None
         for key, rows in batch_sizes.items()
         if rows % ways
     ]
+
+
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules: dict[str, Any] | None = None):
     """JAX's mesh context (`jax.set_mesh`) plus the run's parameter rules, for tracing model code."""
@@ -229,6 +221,13 @@ def on_mesh(fn, mesh: Mesh, rules: dict[str, Any] | None = None):
         with use_mesh(mesh, rules):
             return fn(*args, **kwargs)
 
+    if hasattr(fn, "lower"):  # a jitted fn stays inspectable: .lower(...).compile() traces the same way
+
+        def lower(*args, **kwargs):
+            with use_mesh(mesh, rules):
+                return fn.lower(*args, **kwargs)
+
+        call.lower = lower
     return call
 
 
@@ -278,3 +277,9 @@ def constrain(x, logical_axes):
     """x with a sharding constraint by logical axis names under the active mesh; x itself outside one."""
     spec = activation_spec(logical_axes, x.shape)
     return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
+
+
+def max_over_hosts(x: int) -> int:
+    """The largest of a host-local integer over all processes, for sizes decided from local data (a
+    bucket width): every process must build the same global shape, or collectives mismatch or hang."""
+    return int(np.max(_gathered(int(x))))

@@ -21,10 +21,10 @@ from flax import nnx
 
 from gspo_jax import checkpoint as ckpt
 from gspo_jax import losses, metrics, sharding
-from gspo_jax.data import eval_batches, make_prompt_dataset, prompt_encoder
+from gspo_jax.data import PromptBatch, eval_batches, make_prompt_dataset, prompt_encoder, widen
 from gspo_jax.evaluation import evaluate
 from gspo_jax.plots import plot_metrics
-from gspo_jax.policy import build_policy
+from gspo_jax.policy import build_policy, init_train_state
 from gspo_jax.preemption import PreemptionGuard
 from gspo_jax.rewards import RewardSet
 from gspo_jax.rl_step import RLStep
@@ -133,23 +133,22 @@ class Trainer:
     def _rows(self, host):
         return sharding.place_batch(host, self.mesh)
 
+    def _prompts(self, batch: PromptBatch) -> tuple[jax.Array, jax.Array]:
+        """Global [N, P] prompt ids and mask; P is the widest host's bucket, so all hosts agree on it."""
+        batch = widen(batch, sharding.max_over_hosts(batch.prompt_ids.shape[1]), self.pad_id)
+        return self._rows(batch.prompt_ids), self._rows(batch.prompt_mask)
+
     # ---- phases ----
 
     def initial_state(self) -> TrainState:
-        params = self.policy.params
-        state = TrainState(
-            params=params, opt_state=jax.jit(self.rl.optimizer.init)(params), step=jnp.zeros((), jnp.int32)
-        )
-        return sharding.commit_to_mesh(state, self.mesh)
+        return init_train_state(self.rl.optimizer, self.policy.params)
 
     def greedy_eval(self, params) -> dict[str, float]:
         rollout_params = self.rl.cast_for_rollout(params)
         is_correct = self.data.task.is_correct if self.data.task is not None else None
 
         def generate(batch):
-            out = self.eval_sampler(
-                rollout_params, self._rows(batch.prompt_ids), self._rows(batch.prompt_mask), jax.random.key(0)
-            )
+            out = self.eval_sampler(rollout_params, *self._prompts(batch), jax.random.key(0))
             return sharding.global_to_host(out.completion_ids, self.mesh), sharding.global_to_host(
                 out.completion_mask, self.mesh
             )
@@ -194,7 +193,6 @@ class Trainer:
             seed=cfg.seed,
             logprob_chunk=cfg.model.logprob_chunk,
             place=self._rows,
-            commit=lambda tree: sharding.commit_to_mesh(tree, self.mesh),
             on_eval=on_eval,
             eval_every=cfg.warmstart.eval_every,
             on_step=on_step,

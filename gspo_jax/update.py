@@ -16,10 +16,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gspo_jax import losses
 from gspo_jax.logprobs import completion_logprobs
 from gspo_jax.models.moe import load_balancing_loss
+from gspo_jax.sharding import BATCH_AXES
 
 
 @jax.tree_util.register_dataclass
@@ -66,6 +68,23 @@ class UpdateSettings:
     minibatches: int
     iterations: int
 
+    @classmethod
+    def from_config(cls, cfg, router_aux_loss_coef: float) -> UpdateSettings:
+        """From the run config; model.aux_loss_coef None takes the model's own router_aux_loss_coef."""
+        aux_coef = cfg.model.aux_loss_coef
+        return cls(
+            level=cfg.algo.importance_sampling_level,
+            eps_low=cfg.algo.eps_low,
+            eps_high=cfg.algo.eps_high,
+            aggregation=cfg.algo.aggregation,
+            beta=cfg.algo.beta,
+            aux_loss_coef=router_aux_loss_coef if aux_coef is None else aux_coef,
+            temperature=cfg.rollout.temperature or 1.0,
+            logprob_chunk=cfg.model.logprob_chunk,
+            minibatches=cfg.algo.minibatches,
+            iterations=cfg.algo.iterations,
+        )
+
 
 def _minibatches(tree, num: int):
     """[B, ...] leaves -> [num, B / num, ...]."""
@@ -96,8 +115,14 @@ def make_score_fn(graphdef, settings: UpdateSettings) -> Callable:
     return jax.jit(score)
 
 
-def make_train_fn(graphdef, optimizer: optax.GradientTransformation, settings: UpdateSettings) -> Callable:
-    """jit(state, batch, key) -> (state, metrics [iterations, minibatches]); the state is donated."""
+def make_train_fn(
+    graphdef, optimizer: optax.GradientTransformation, settings: UpdateSettings, state_shardings=None
+) -> Callable:
+    """jit(state, batch, key) -> (state, metrics [iterations, minibatches]); the state is donated.
+
+    state_shardings (a TrainState of shardings, policy.train_state_shardings) pins the new state to the
+    old one's layout, which GSPMD would otherwise choose per leaf: equal in and out shardings let the
+    donated buffers be reused and keep step 2 from recompiling."""
 
     def loss_fn(params, mb: RolloutBatch):
         model = nnx.merge(graphdef, params)
@@ -151,12 +176,26 @@ def make_train_fn(graphdef, optimizer: optax.GradientTransformation, settings: U
         metrics |= {"loss": total, "grad_norm": grad_norm, "update_skipped": (~finite).astype(jnp.float32)}
         return new_state, metrics
 
+    def rows_split(minibatches: RolloutBatch) -> RolloutBatch:
+        """Keeps each minibatch's rows split over the batch axes: GSPMD would otherwise replicate the
+        shuffled (gathered) batch, and every device would run the whole minibatch."""
+        if state_shardings is None:
+            return minibatches
+        mesh = jax.tree.leaves(state_shardings)[0].mesh
+        return jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(
+                x, NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 2))))
+            ),
+            minibatches,
+        )
+
     def train(state: TrainState, batch: RolloutBatch, key):
         def one_pass(state, pass_key):
             order = jax.random.permutation(pass_key, batch.tokens.shape[0])
             shuffled = jax.tree.map(lambda x: x[order], batch)
-            return jax.lax.scan(update, state, _minibatches(shuffled, settings.minibatches))
+            return jax.lax.scan(update, state, rows_split(_minibatches(shuffled, settings.minibatches)))
 
         return jax.lax.scan(one_pass, state, jax.random.split(key, settings.iterations))
 
-    return jax.jit(train, donate_argnums=(0,))
+    out_shardings = None if state_shardings is None else (state_shardings, None)
+    return jax.jit(train, donate_argnums=(0,), out_shardings=out_shardings)

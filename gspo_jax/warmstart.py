@@ -17,6 +17,8 @@ import optax
 from flax import nnx
 
 from gspo_jax.logprobs import completion_logprobs
+from gspo_jax.optim import init_state
+from gspo_jax.sharding import shardings_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +54,12 @@ def build_supervised_set(
     return SupervisedSet(tokens, valid, target_mask)
 
 
-def make_sft_step(graphdef, optimizer: optax.GradientTransformation, logprob_chunk: int) -> Callable:
-    """jit((params, opt_state), tokens, valid, target_mask) -> ((params, opt_state), loss): token-mean NLL."""
+def make_sft_step(
+    graphdef, optimizer: optax.GradientTransformation, logprob_chunk: int, carry_shardings=None
+) -> Callable:
+    """jit((params, opt_state), tokens, valid, target_mask) -> ((params, opt_state), loss): token-mean NLL.
+
+    carry_shardings pins the new carry to the old one's layout (donated buffers reused, no recompile)."""
 
     def loss_fn(params, tokens, valid, target_mask):
         model = nnx.merge(graphdef, params)
@@ -68,7 +74,8 @@ def make_sft_step(graphdef, optimizer: optax.GradientTransformation, logprob_chu
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
-    return jax.jit(step, donate_argnums=(0,))
+    out_shardings = None if carry_shardings is None else (carry_shardings, None)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
 
 
 def run_warmstart(
@@ -82,19 +89,18 @@ def run_warmstart(
     seed: int,
     logprob_chunk: int,
     place: Callable,
-    commit: Callable,
     on_eval: Callable[[int, nnx.State], None],
     eval_every: int,
     on_step: Callable[[int, float], None],
 ):
     """Runs `steps` AdamW updates on random batches of `data`; returns the new params.
 
-    place: puts a host batch on the mesh; commit: lays state out on the mesh; on_eval(step, params) is called every `eval_every` steps;
+    place: puts a host batch on the mesh; on_eval(step, params) is called every `eval_every` steps;
     on_step(step, loss) after each update.
     """
     optimizer = optax.adamw(lr)
-    carry = commit((params, jax.jit(optimizer.init)(params)))
-    step_fn = make_sft_step(graphdef, optimizer, logprob_chunk)
+    carry = (params, init_state(optimizer, params))
+    step_fn = make_sft_step(graphdef, optimizer, logprob_chunk, shardings_of(carry))
     rng = np.random.default_rng(seed)
     for step in range(1, steps + 1):
         rows = rng.choice(len(data.tokens), size=batch_size, replace=len(data.tokens) < batch_size)

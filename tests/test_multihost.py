@@ -24,6 +24,15 @@ def test_two_process_training_run(tmp_path):
             f"--config.workdir={workdir}",
             "--config.steps=2",
             "--config.mesh.num_devices=0",
+            # After this warm start completions end anywhere in the 8, 16 and 24 buckets, and with 4
+            # rows per host the hosts' longest differ (19 vs 12 tokens at step 1): each host once
+            # trained on its own width and gloo aborted ("256 vs 192 ... collective mismatch").
+            "--config.rollout.max_new_tokens=24",
+            "--config.rollout.prompts_per_step=4",
+            "--config.rollout.group_size=2",
+            "--config.warmstart.steps=15",
+            "--config.warmstart.batch_size=64",
+            "--config.warmstart.eval_every=0",
         ],
         cwd=ROOT,
         env=env,
@@ -36,6 +45,23 @@ def test_two_process_training_run(tmp_path):
         lines = [json.loads(line) for line in f]
     rl = [l for l in lines if "reward/mean" in l]
     assert [l["step"] for l in rl] == [1, 2]
+    assert max(l["train/completion_bucket"] for l in rl) > 8  # past the smallest bucket
     assert all(l["eval/num_prompts"] == 8 for l in lines if "eval/num_prompts" in l)  # both hosts' halves
     assert sorted(d for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == ["0", "1", "2"]
     assert proc.stdout.count("done:") == 2  # both processes finished
+
+
+def test_widen_left_pads_a_host_batch_to_the_agreed_width():
+    import numpy as np
+
+    from gspo_jax.data import PromptBatch, widen
+
+    ids = np.array([[5, 6, 7], [0, 8, 9]], np.int32)
+    mask = np.array([[1, 1, 1], [0, 1, 1]], np.int32)
+    batch = PromptBatch(ids, mask, ["a", "b"], {}, np.ones(2, bool))
+    wide = widen(batch, 5, pad_id=0)
+    np.testing.assert_array_equal(wide.prompt_ids, [[0, 0, 5, 6, 7], [0, 0, 0, 8, 9]])
+    np.testing.assert_array_equal(wide.prompt_mask, [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]])
+    assert widen(batch, 3, pad_id=0).prompt_ids.shape == (2, 3)
+    with pytest.raises(ValueError, match="narrow"):
+        widen(batch, 2, pad_id=0)

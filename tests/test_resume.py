@@ -149,11 +149,11 @@ def test_checkpoint_of_another_model_shape_names_parameters(trained_workdir, tmp
 
 
 def _reshaped_policy(cfg, mesh):
-    from flax import nnx
-    from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
+    from gspo_jax.models.hf import abstract_model
+    from gspo_jax.policy import init_params
 
-    graphdef, params = nnx.split(QwenMoeForCausalLM(cfg, rngs=nnx.Rngs(0)))
-    return graphdef, sharding.commit_to_mesh(params, mesh)
+    graphdef, abstract = abstract_model(cfg)
+    return graphdef, init_params(cfg, sharding.param_shardings(abstract, mesh), seed=0)
 
 
 def test_non_finite_updates_are_skipped_then_the_run_stops(tmp_path, monkeypatch):

@@ -1,0 +1,339 @@
+"""Memory and FLOP plan of a run on a mesh, computed from shapes alone (nothing is allocated).
+
+  python -m gspo_jax.plan --config=configs/qwen_moe.py:qwen3_30b_a3b --accelerator=tpu-v5p --num_devices=64
+  python -m gspo_jax.plan --config=tests/micro_config.py --config.mesh.fsdp=2 --compile   # + XLA's view
+
+Per device: parameters, optimizer state and gradients as the sharding rules lay them out (the same
+code the trainer uses, on an AbstractMesh), activations of one update minibatch (rematerialised
+layers keep only each layer's input), the rollout KV cache and the sampler's weight copy. The train
+phase and the rollout phase do not overlap, so the peak is the larger of the two.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
+
+from gspo_jax import optim, policy, sharding
+from gspo_jax.models.config import ModelConfig
+from gspo_jax.models.hf import abstract_model
+from gspo_jax.update import RolloutBatch, TrainState, UpdateSettings, make_train_fn
+
+GiB = 2**30
+# Memory per chip. XLA needs room for its own temporaries and fragmentation: plans use USABLE of it.
+ACCELERATORS = {"tpu-v5p": 95 * GiB, "tpu-v6e": 32 * GiB, "h100": 80e9, "h200": 141e9}
+USABLE = 0.9
+
+
+@functools.lru_cache(maxsize=4)
+def _abstract_params(mcfg: ModelConfig):
+    return abstract_model(mcfg)[1]
+
+
+def parameter_counts(mcfg: ModelConfig) -> tuple[int, int]:
+    """(total, active per token): active counts top-k of the routed experts in every MoE layer."""
+    abstract = _abstract_params(mcfg)
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
+    per_expert = 3 * mcfg.hidden_size * mcfg.moe_intermediate_size
+    idle = mcfg.num_moe_layers * (mcfg.num_experts - mcfg.num_experts_per_tok) * per_expert
+    return total, total - idle
+
+
+def _abstract_mesh(cfg, num_devices: int) -> AbstractMesh:
+    return AbstractMesh(sharding.mesh_shape(cfg.mesh, num_devices), sharding.MESH_AXES)
+
+
+def _bytes_per_device(tree) -> int:
+    """Bytes of one device's shard of every leaf (ShapeDtypeStructs with shardings)."""
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
+    )
+
+
+def abstract_state(cfg, mcfg: ModelConfig, mesh) -> TrainState:
+    """The train state as ShapeDtypeStructs in the trainer's shardings (policy.train_state_shardings)."""
+    abstract = _abstract_params(mcfg)
+    shardings = sharding.param_shardings(abstract, mesh, cfg.mesh.rules.to_dict())
+    params = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    optimizer = optim.make_optimizer(cfg.optim, policy.total_updates(cfg))
+    state_shardings = policy.train_state_shardings(optimizer, params)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    step = jax.ShapeDtypeStruct((), jnp.int32)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        TrainState(params=params, opt_state=opt_state, step=step),
+        state_shardings,
+    )
+
+
+def _batch_shards(mesh) -> int:
+    return math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+
+
+def _split(size: int, ways: int) -> float:
+    return size / ways if size % ways == 0 else size
+
+
+def sequence_shape(cfg) -> tuple[int, int, int]:
+    """(rows per RL step, prompt width, completion width): the widest the config allows."""
+    return (
+        cfg.rollout.prompts_per_step * cfg.rollout.group_size,
+        int(cfg.data.max_prompt_len),
+        int(cfg.rollout.max_new_tokens),
+    )
+
+
+def activation_bytes(cfg, mcfg: ModelConfig, mesh) -> float:
+    """Peak activation bytes per device of one update minibatch (forward + backward).
+
+    Per layer: norms, q/k/v/o projections, fp32 attention scores and probabilities over the whole
+    [T, T] (no flash attention), router probabilities and the top-k expert buffers. Without remat
+    every layer's internals are kept for the backward pass; with remat only each layer's input is,
+    plus one layer's internals recomputed and their gradients. Logits exist one `logprob_chunk` of
+    time steps at a time."""
+    rows, prompt, new = sequence_shape(cfg)
+    b = rows / cfg.algo.minibatches / _batch_shards(mesh)
+    t = prompt + new - 1
+    c = jnp.dtype(mcfg.dtype).itemsize
+    tp = mesh.shape["tensor"]
+    d, hd, k = mcfg.hidden_size, mcfg.head_dim, mcfg.num_experts_per_tok
+    heads, kv = _split(mcfg.num_attention_heads, tp), _split(mcfg.num_key_value_heads, tp)
+    tokens = b * t
+    attention = tokens * c * (4 * d + 2 * (heads + 2 * kv) * hd + heads * hd) + b * heads * t * t * (4 + c)
+    if mcfg.num_experts:
+        inner = _split(mcfg.moe_intermediate_size, tp)
+        mlp = tokens * (2 * mcfg.num_experts * 4 + k * c * (2 * d + 3 * inner))
+    else:
+        mlp = tokens * c * 3 * _split(mcfg.intermediate_size, tp)
+    layer = attention + mlp
+    layers = mcfg.num_hidden_layers
+    kept = layers * tokens * d * c + 2 * layer if mcfg.remat else layers * layer
+    chunk = min(int(cfg.model.logprob_chunk), t)
+    logits = 3 * b * chunk * _split(mcfg.vocab_size, tp) * 4
+    return kept + logits + 2 * tokens * d * 4
+
+
+def kv_cache_bytes(cfg, mcfg: ModelConfig, mesh) -> float:
+    """The sampler's cache per device: K and V of every layer, [rows, prompt + new, kv_heads, head_dim]."""
+    rows, prompt, new = sequence_shape(cfg)
+    dtype = jnp.dtype(cfg.rollout.cache_dtype or mcfg.dtype)
+    kv = _split(mcfg.num_key_value_heads, mesh.shape["tensor"])
+    per_row = 2 * mcfg.num_hidden_layers * (prompt + new) * kv * mcfg.head_dim * dtype.itemsize
+    return rows / _batch_shards(mesh) * per_row
+
+
+def forward_flops(mcfg: ModelConfig, active: int, tokens: float, context: float) -> float:
+    """2 FLOPs per multiply-add of every active weight except the embedding lookup, plus QK^T and AV
+    over `context` keys per token (the implementation computes masked positions too)."""
+    matmul = active - mcfg.vocab_size * mcfg.hidden_size * (0 if mcfg.tie_word_embeddings else 1)
+    attention = 4 * mcfg.num_hidden_layers * mcfg.num_attention_heads * mcfg.head_dim * context
+    return tokens * (2 * matmul + attention)
+
+
+def step_flops(cfg, mcfg: ModelConfig, active: int) -> dict[str, float]:
+    """FLOPs of one RL step at the config's batch with every completion at full length."""
+    rows, prompt, new = sequence_shape(cfg)
+    slots = prompt + new
+    rollout = forward_flops(mcfg, active, rows * prompt, prompt) + forward_flops(
+        mcfg, active, rows * new, slots
+    )
+    seq = forward_flops(mcfg, active, rows * (slots - 1), slots - 1)
+    passes = int(cfg.algo.old_logprobs == "trainer") + int(cfg.algo.beta > 0)
+    # Backward is twice the forward; rematerialised layers run the forward once more.
+    update = cfg.algo.iterations * (4 if mcfg.remat else 3) * seq
+    return {
+        "rollout": rollout,
+        "scoring": passes * seq,
+        "update": update,
+        "total": rollout + passes * seq + update,
+    }
+
+
+def plan(cfg, num_devices: int, accelerator: str | None = None) -> dict:
+    """Everything `python -m gspo_jax.plan` prints, as a dict of numbers (bytes are per device)."""
+    mcfg = policy.model_config(cfg)
+    mesh = _abstract_mesh(cfg, num_devices)
+    state = abstract_state(cfg, mcfg, mesh)
+    total, active = parameter_counts(mcfg)
+    params = _bytes_per_device(state.params)
+    rollout_dtype = jnp.dtype(cfg.model.rollout_dtype or cfg.model.param_dtype)
+    memory = {
+        "params": params,
+        "optimizer": _bytes_per_device(state.opt_state) + _bytes_per_device(state.step),
+        "gradients": params,
+        "activations": activation_bytes(cfg, mcfg, mesh),
+        "kv_cache": kv_cache_bytes(cfg, mcfg, mesh),
+        "rollout_copy": params * rollout_dtype.itemsize / jnp.dtype(mcfg.param_dtype).itemsize,
+        "reference": params if cfg.algo.beta > 0 else 0,
+    }
+    resident = memory["params"] + memory["optimizer"] + memory["reference"]
+    # The update computes new parameters and moments beside the old ones (kept if the step is not
+    # finite), so a second copy of the state exists transiently.
+    memory["update_transient"] = memory["params"] + memory["optimizer"]
+    memory["train_peak"] = resident + memory["gradients"] + memory["update_transient"] + memory["activations"]
+    memory["rollout_peak"] = resident + memory["rollout_copy"] + memory["kv_cache"]
+    memory["peak"] = max(memory["train_peak"], memory["rollout_peak"])
+    out = {
+        "model": cfg.model.preset if not cfg.model.hf_path else cfg.model.hf_path,
+        "mesh": dict(mesh.shape),
+        "num_devices": num_devices,
+        "params_total": total,
+        "params_active": active,
+        "batch": dict(zip(("rows", "prompt_len", "new_tokens"), sequence_shape(cfg))),
+        "bytes_per_device": {k: float(v) for k, v in memory.items()},
+        "flops_per_step": step_flops(cfg, mcfg, active),
+    }
+    if accelerator:
+        out["accelerator"] = accelerator
+        out["hbm_bytes"] = float(ACCELERATORS[accelerator])
+        out["fits"] = bool(memory["peak"] <= USABLE * ACCELERATORS[accelerator])
+        if not out["fits"]:
+            out["suggestion"] = fitting_mesh(cfg, num_devices, accelerator)
+    return out
+
+
+def _candidate_meshes(num_devices: int):
+    """expert x tensor splits of num_devices with fsdp taking the rest (a data axis never lowers the
+    per-device bytes that fsdp would: fsdp splits the batch too)."""
+    divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
+    for expert in divisors:
+        for tensor in (d for d in divisors if (num_devices // expert) % d == 0):
+            yield {"data": 1, "fsdp": num_devices // (expert * tensor), "expert": expert, "tensor": tensor}
+
+
+def fitting_mesh(cfg, num_devices: int, accelerator: str) -> dict:
+    """The smallest-peak mesh that fits at num_devices, else at the fewest devices (doubling) that fit."""
+    devices = num_devices
+    while devices <= 16384:
+        best = None
+        for axes in _candidate_meshes(devices):
+            trial = cfg.copy_and_resolve_references()
+            trial.mesh.update(axes)
+            try:
+                peak = plan(trial, devices)["bytes_per_device"]["peak"]
+            except ValueError:  # a dimension this mesh cannot split
+                continue
+            if best is None or peak < best[0]:
+                best = (peak, axes)
+        if best and best[0] <= USABLE * ACCELERATORS[accelerator]:
+            return {"num_devices": devices, "mesh": best[1], "peak_bytes": float(best[0])}
+        devices *= 2
+    return {"num_devices": None, "mesh": None, "peak_bytes": None}
+
+
+def abstract_rollout_batch(mesh, rows: int, prompt_len: int, width: int):
+    """A RolloutBatch of ShapeDtypeStructs, rows split over the batch axes like the trainer's."""
+
+    def rowwise(shape, dtype):
+        spec = PartitionSpec(sharding.BATCH_AXES, *([None] * (len(shape) - 1)))
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+    per_token = rowwise((rows, width), jnp.float32)
+    return RolloutBatch(
+        tokens=rowwise((rows, prompt_len + width), jnp.int32),
+        valid=rowwise((rows, prompt_len + width), jnp.bool_),
+        completion_mask=per_token,
+        advantages=rowwise((rows,), jnp.float32),
+        old_logp=per_token,
+        sampler_logp=per_token,
+        ref_logp=per_token,
+    )
+
+
+def compiled_memory(cfg) -> dict[str, float]:
+    """XLA's memory analysis (per device) of the train step compiled on the current devices."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    mcfg = policy.model_config(cfg)
+    target, graphdef = policy.abstract_train_state(cfg, mesh)
+    state = target["train"]
+    optimizer = optim.make_optimizer(cfg.optim, policy.total_updates(cfg))
+    settings = UpdateSettings.from_config(cfg, mcfg.router_aux_loss_coef)
+    train = make_train_fn(graphdef, optimizer, settings, sharding.shardings_of(state))
+    batch = abstract_rollout_batch(mesh, *sequence_shape(cfg))
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
+    with sharding.use_mesh(mesh, cfg.mesh.rules.to_dict()):  # as the trainer traces it (expert parallelism)
+        stats = train.lower(state, batch, key).compile().memory_analysis()
+    return {
+        "arguments": float(stats.argument_size_in_bytes),
+        "temporaries": float(stats.temp_size_in_bytes),
+        "peak": float(stats.argument_size_in_bytes + stats.temp_size_in_bytes),
+    }
+
+
+def format_plan(p: dict) -> str:
+    gb = lambda x: f"{x / GiB:9.2f} GiB"
+    m = p["bytes_per_device"]
+    lines = [
+        f"model {p['model']}: {p['params_total']:,} parameters, {p['params_active']:,} active per token",
+        f"mesh {p['mesh']} on {p['num_devices']} devices; batch {p['batch']}",
+        "per device:",
+        *(f"  {name:<17}{gb(m[name])}" for name in ("params", "optimizer", "gradients", "update_transient")),
+        f"  {'activations':<17}{gb(m['activations'])}",
+        *(f"  {name:<17}{gb(m[name])}" for name in ("kv_cache", "rollout_copy", "reference")),
+        f"  train peak   {gb(m['train_peak'])}   rollout peak {gb(m['rollout_peak'])}",
+        "FLOPs per RL step: " + ", ".join(f"{k} {v:.3e}" for k, v in p["flops_per_step"].items()),
+    ]
+    if "accelerator" in p:
+        verdict = "fits" if p["fits"] else "does NOT fit"
+        lines.append(
+            f"{p['accelerator']} ({gb(p['hbm_bytes']).strip()}, {USABLE:.0%} usable): peak {verdict}"
+        )
+        if not p["fits"]:
+            s = p["suggestion"]
+            lines.append(
+                f"  a mesh that fits: {s['mesh']} on {s['num_devices']} devices (peak {gb(s['peak_bytes'])})"
+                if s["mesh"]
+                else "  no mesh up to 16384 devices fits"
+            )
+    if "xla" in p:
+        x = p["xla"]
+        lines.append(
+            f"XLA (compiled train step): arguments {gb(x['arguments'])}, temporaries {gb(x['temporaries'])}, "
+            f"peak {gb(x['peak'])} vs predicted train peak {gb(m['train_peak'])}"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file("config", "configs/qwen_moe.py", "Run config (as for train).")
+    accelerator = flags.DEFINE_enum(
+        "accelerator", None, list(ACCELERATORS), "Check the plan against its HBM."
+    )
+    num_devices = flags.DEFINE_integer(
+        "num_devices",
+        0,
+        "Mesh size to plan for; 0: the config's fixed mesh product, else jax.device_count().",
+    )
+    json_path = flags.DEFINE_string("json", "", "Also write the plan as JSON to this file.")
+    compile_step = flags.DEFINE_bool("compile", False, "Compile the train step here and add XLA's numbers.")
+
+    def run(argv):
+        del argv
+        cfg = config.value
+        sizes = [int(cfg.mesh.get(a, 1)) for a in sharding.MESH_AXES]
+        devices = num_devices.value or (math.prod(sizes) if -1 not in sizes else jax.device_count())
+        result = plan(cfg, devices, accelerator.value)
+        if compile_step.value:
+            result["xla"] = compiled_memory(cfg)
+        print(format_plan(result))
+        if json_path.value:
+            with open(json_path.value, "w") as f:
+                json.dump(result, f, indent=2)
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The planner: exact parameter counts, per-device state bytes from shapes and the mesh, and the
+prediction beside XLA's own memory analysis of the compiled train step (8 simulated devices)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import micro_config as micro
+import pytest
+
+from configs.qwen_moe import get_config
+from gspo_jax import plan
+from gspo_jax.models import config as model_config
+from gspo_jax.policy import model_config as run_model_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+    "preset, total, active",
+    [
+        ("qwen3_30b_a3b", 30_532_122_624, 3_353_032_704),  # shared/QWEN_MOE.md (released models)
+        pytest.param("qwen3_235b_a22b", 235_093_634_560, 22_190_763_520, marks=pytest.mark.slow),  # ~1 min
+    ],
+)
+def test_parameter_counts_are_the_released_models(preset, total, active):
+    assert plan.parameter_counts(run_model_config(get_config(preset))) == (total, active)
+
+
+def test_state_bytes_of_the_30b_preset_on_64_chips():
+    cfg = get_config("qwen3_30b_a3b")  # fsdp=-1 (8 here) x expert=8
+    m = run_model_config(cfg)
+    p = plan.plan(cfg, 64)
+    assert p["mesh"] == {"data": 1, "fsdp": 8, "expert": 8, "tensor": 1}
+    experts = m.num_hidden_layers * 3 * m.num_experts * m.hidden_size * m.moe_intermediate_size
+    norms = m.num_hidden_layers * (2 * m.hidden_size + 2 * m.head_dim) + m.hidden_size
+    rest = p["params_total"] - experts - norms  # every other matrix splits its hidden dim over fsdp
+    ideal = 4 * (experts / 64 + rest / 8 + norms)
+    got = p["bytes_per_device"]
+    assert got["params"] == pytest.approx(ideal, rel=1e-6)
+    assert got["optimizer"] == pytest.approx(2 * ideal, rel=1e-6)  # AdamW mu + nu, fp32
+    assert got["rollout_copy"] == pytest.approx(ideal / 2, rel=1e-6)  # bf16
+    kv = 2 * m.num_hidden_layers * (1024 + 4096) * m.num_key_value_heads * m.head_dim * 2
+    assert got["kv_cache"] == pytest.approx(64 * 16 / 64 * kv)  # 1024 rows over 64 batch shards
+
+
+@pytest.fixture
+def wide_preset():
+    """A small model whose expert weights dominate its memory, as in the real MoE presets."""
+    model_config.PRESETS["wide"] = model_config.PRESETS["tiny"].replace(
+        num_experts=16, hidden_size=256, moe_intermediate_size=512
+    )
+    yield "wide"
+    del model_config.PRESETS["wide"]
+
+
+def test_prediction_beside_xla_memory_analysis(wide_preset):
+    for mesh, check_peak in (({"mesh.fsdp": 2, "mesh.expert": 4}, True), ({"mesh.fsdp": 8}, False)):
+        cfg = micro.override(
+            micro.get_config(),
+            **{"mesh.num_devices": 8, "mesh.data": 1, "mesh.fsdp": 1, "mesh.expert": 1, **mesh},
+            **{
+                "model.preset": wide_preset,
+                "rollout.prompts_per_step": 8,
+                "rollout.group_size": 2,
+                "data.max_prompt_len": 16,
+            },
+        )
+        predicted = plan.plan(cfg, 8)["bytes_per_device"]
+        xla = plan.compiled_memory(cfg)
+        # The compiled step's arguments are the train state (plus a few kB of batch).
+        assert xla["arguments"] == pytest.approx(predicted["params"] + predicted["optimizer"], rel=0.15)
+        if check_peak:
+            assert xla["peak"] == pytest.approx(predicted["train_peak"], rel=0.15)
+
+
+def test_cli_prints_and_writes_json(tmp_path):
+    out = tmp_path / "plan.json"
+    env = os.environ | {"PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gspo_jax.plan",
+            "--config=configs/qwen_moe.py",
+            "--num_devices=8",
+            "--config.mesh.expert=2",
+            "--accelerator=h100",
+            f"--json={out}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "per device" in proc.stdout and "fits" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["mesh"] == {"data": 4, "fsdp": 1, "expert": 2, "tensor": 1}
+    layer = 128 * (4 + 2 + 2 + 4) * 32 + 2 * 128 + 2 * 32 + 128 * 8 + 3 * 8 * 128 * 128
+    assert result["fits"] is True and result["params_total"] == 2 * layer + 2 * 64 * 128 + 128  # tiny
