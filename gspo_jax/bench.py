@@ -112,7 +112,7 @@ def touched_experts_per_step(graphdef, params, prompt_ids, completion_ids):
         out = model.forward(
             token, positions_bt=jnp.full((batch, 1), width + i), cache=cache, cache_start=width + i
         )
-        return out.cache, sum(jnp.sum(s.expert_counts > 0) for s in out.router_stats)
+        return out.cache, jnp.sum(out.router_stats.expert_counts > 0)
 
     _, touched = jax.lax.scan(one_step, cache, jnp.arange(steps))
     return float(jnp.mean(touched))

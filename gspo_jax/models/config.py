@@ -13,6 +13,9 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "qwen2_moe")
 MOE_DISPATCH_STRATEGIES = ("auto", "dense", "capacity", "ragged", "tiled")
+# What a rematerialised layer keeps for the backward pass: nothing (recompute the whole layer), or the
+# results of its matmuls (recompute only the cheap elementwise work; more memory, fewer FLOPs).
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -55,6 +58,7 @@ class ModelConfig:
     moe_dispatch: str = "auto"
     capacity_factor: float = 0.0  # <= 0: dropless (capacity covers the worst case)
     remat: bool = False  # recompute each decoder layer in the backward pass (activation memory / layers)
+    remat_policy: str = "nothing_saveable"  # one of REMAT_POLICIES (used when remat)
 
     def __post_init__(self):
         errors = []
@@ -77,6 +81,8 @@ class ModelConfig:
             errors.append(f"decoder_sparse_step={self.decoder_sparse_step} must be >= 1")
         if self.moe_dispatch not in MOE_DISPATCH_STRATEGIES:
             errors.append(f"moe_dispatch={self.moe_dispatch!r}: use one of {MOE_DISPATCH_STRATEGIES}")
+        if self.remat_policy not in REMAT_POLICIES:
+            errors.append(f"remat_policy={self.remat_policy!r}: use one of {REMAT_POLICIES}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in _DTYPES:
                 errors.append(f"{name}={getattr(self, name)!r}: use one of {_DTYPES}")

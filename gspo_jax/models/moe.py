@@ -29,7 +29,8 @@ from gspo_jax.models.layers import SwiGLU, param
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class RouterStats:
-    """Per-layer routing statistics over real (unmasked) tokens.
+    """Routing statistics over real (unmasked) tokens: one layer's, or stacked over the MoE layers
+    with a leading [L] dimension on every field (what the model's forward returns).
 
     expert_counts: [E] top-k assignments per expert; prob_sum: [E] summed router probabilities;
     tokens: scalar count of real tokens; dropped: scalar count of assignments dropped by capacity.
@@ -297,15 +298,16 @@ class MoeBlock(nnx.Module):
         return y_td.reshape(b, t, d), stats
 
 
-def load_balancing_loss(stats: list[RouterStats]):
+def load_balancing_loss(stats: RouterStats | None):
     """HF's auxiliary loss: E * sum_e f_e * P_e over all MoE layers' real tokens.
 
+    stats: RouterStats stacked over the MoE layers (expert_counts [L, E], ...), None for a dense model.
     f_e: share of top-k assignments to expert e (assignment counts / (layers * tokens));
     P_e: mean router probability of e over the same rows.
     """
-    if not stats:
+    if stats is None:
         return jnp.zeros((), jnp.float32)
-    rows = jnp.maximum(sum(s.tokens for s in stats), 1.0)
-    f = sum(s.expert_counts for s in stats) / rows
-    p = sum(s.prob_sum for s in stats) / rows
-    return f.shape[0] * jnp.sum(f * p)
+    rows = jnp.maximum(jnp.sum(stats.tokens), 1.0)
+    f = jnp.sum(stats.expert_counts, axis=0) / rows
+    p = jnp.sum(stats.prob_sum, axis=0) / rows
+    return f.shape[-1] * jnp.sum(f * p)
