@@ -34,6 +34,7 @@ def model_config(cfg) -> ModelConfig:
         moe_dispatch=cfg.model.moe_dispatch,
         capacity_factor=cfg.model.capacity_factor,
         remat=cfg.model.get("remat", False),  # configs saved before remat existed lack it
+        remat_policy=cfg.model.get("remat_policy", "nothing_saveable"),
     )
     if cfg.model.hf_path:
         return ModelConfig.from_hf_path(cfg.model.hf_path, **runtime)
@@ -55,6 +56,7 @@ def build_policy(cfg, mesh) -> Policy:
             moe_dispatch=cfg.model.moe_dispatch,
             capacity_factor=cfg.model.capacity_factor,
             remat=cfg.model.get("remat", False),
+            remat_policy=cfg.model.get("remat_policy", "nothing_saveable"),
         )
         _, params = nnx.split(model)
     else:
