@@ -143,9 +143,10 @@ def touched_experts_per_step(graphdef, params, prompt_ids, completion_ids):
 def weight_bytes_per_step(params, touched_pairs: float, batch: int) -> float:
     """Bytes of weights one decode step reads: chosen experts, all other weights, B embedding rows."""
     flat = {path: v.get_value() for path, v in nnx.to_flat_state(params)}
-    expert = [v for p, v in flat.items() if p[-1] in ("gate_proj", "up_proj", "down_proj") and v.ndim == 3]
-    num_experts = expert[0].shape[0]
-    per_layer_expert = sum(v.nbytes for v in expert) / num_experts / (len(expert) // 3)
+    # Expert weights are stacked [layers, E, ...]; a (layer, expert) pair owns one slice of each.
+    expert = [v for p, v in flat.items() if p[-1] in ("gate_proj", "up_proj", "down_proj") and v.ndim == 4]
+    pairs = sum(v.shape[0] * v.shape[1] for v in expert) / 3
+    per_layer_expert = sum(v.nbytes for v in expert) / pairs
     embed = flat[("embed_tokens",)]
     dense = sum(
         v.nbytes for p, v in flat.items() if p != ("embed_tokens",) and not any(v is e for e in expert)
