@@ -148,9 +148,10 @@ def expert_weight(w_e, expert, dtype):
     return w_e[expert].astype(dtype)
 
 
-def _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid):
+def _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, layer=None):
+    """layer: None, or the index into stacked [L, E, ...] weights (forward only)."""
     t, k = ids_tk.shape
-    num_experts = gate_edi.shape[0]
+    num_experts = gate_edi.shape[-3]
     tile = tile_rows(t * k, num_experts)
     valid_a = jnp.repeat(valid_t, k)  # a = t * k + j
     ids_a = jnp.where(valid_a, ids_tk.reshape(-1), num_experts)  # padding sorts after every expert
@@ -166,7 +167,8 @@ def _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid
 
     def one_expert(i, y_td):
         expert = chosen[i]
-        gate, up, down = (expert_weight(w, expert, x_td.dtype) for w in (gate_edi, up_edi, down_eid))
+        index = expert if layer is None else (layer, expert)
+        gate, up, down = (expert_weight(w, index, x_td.dtype) for w in (gate_edi, up_edi, down_eid))
 
         def one_tile(j, y_td):
             start = starts_e[expert] + j * tile
@@ -206,15 +208,21 @@ def _tiled_moe_bwd(capacity_vjp, dy_td):
 _tiled_moe.defvjp(_tiled_moe_fwd, _tiled_moe_bwd)
 
 
-def tiled_dispatch(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, *, capacity_factor):
+def tiled_dispatch(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, *, capacity_factor, layer=None):
     """Dropless loop over the chosen experts only: each one's weights are sliced once and its
     assignments (sorted by expert) run through SwiGLU in tiles of `tile_rows` rows.
 
     An expert no real token chose is never read, which is what a decode step on CPU is bound by.
     Loop bounds depend on the routing, so under differentiation the same function runs as dropless
-    capacity (a custom VJP). Returns (y [T, D], dropped=0).
+    capacity (a custom VJP). With `layer`, the weights are whole [L, E, ...] stacks and each chosen
+    expert is sliced straight from them (a forward-only path: decode and prefill).
+    Returns (y [T, D], dropped=0).
     """
     del capacity_factor
+    if layer is not None:
+        return _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, layer), jnp.zeros(
+            (), jnp.float32
+        )
     y = _tiled_moe(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid)
     return y, jnp.zeros((), jnp.float32)
 
@@ -265,23 +273,26 @@ class MoeBlock(nnx.Module):
             )
             self.shared_expert_gate = param(rngs, init, (d, 1), pdt, ("embed", None))
 
-    def __call__(self, x_btd, valid_bt):
-        """Returns (y [B, T, D], RouterStats of this layer)."""
+    def __call__(self, x_btd, valid_bt, layer=None):
+        """Returns (y [B, T, D], RouterStats of this layer).
+
+        layer: None, or this layer's index when the expert weights are whole [L, E, ...] stacks (the
+        decoder's cache path); the tiled dispatch then slices (layer, expert) inside its loop.
+        """
         b, t, d = x_btd.shape
         x_td = x_btd.reshape(b * t, d)
         valid_t = valid_bt.reshape(b * t)
         probs_te, ids_tk, weights_tk = route(x_td, self.router.value, self.top_k, self.norm_topk_prob)
-        dispatch = DISPATCH_STRATEGIES[resolve_dispatch(self.dispatch, b * t)]
+        strategy = resolve_dispatch(self.dispatch, b * t)
         # Weights go in as stored: each strategy casts them to x's dtype where it reads them.
-        y_td, dropped = dispatch(
-            x_td,
-            ids_tk,
-            weights_tk,
-            valid_t,
-            self.gate_proj.value,
-            self.up_proj.value,
-            self.down_proj.value,
-            capacity_factor=self.capacity_factor,
+        experts = (self.gate_proj.value, self.up_proj.value, self.down_proj.value)
+        extra = {}
+        if layer is not None and strategy == "tiled":
+            extra = {"layer": layer}
+        elif layer is not None:
+            experts = tuple(jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) for w in experts)
+        y_td, dropped = DISPATCH_STRATEGIES[strategy](
+            x_td, ids_tk, weights_tk, valid_t, *experts, capacity_factor=self.capacity_factor, **extra
         )
         if hasattr(self, "shared_expert"):
             gate = jax.nn.sigmoid(x_td @ self.shared_expert_gate.value.astype(self.dtype))

@@ -34,6 +34,10 @@ class DecoderOutput:
         return load_balancing_loss(self.router_stats)
 
 
+# The MoE block's expert weights, [L, E, ...] in a stack of layers.
+_EXPERT_WEIGHTS = (("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+
 def layer_runs(cfg: ModelConfig) -> tuple[tuple[int, int], ...]:
     """(first layer, length) of each run of consecutive layers with the same structure."""
     kind = lambda i: (cfg.is_moe_layer(i), cfg.layer_window(i))
@@ -76,7 +80,8 @@ class DecoderLayer(nnx.Module):
         normed = self.post_attention_layernorm(h_btd)
         stats = None
         if self.is_moe:
-            mlp_out, stats = self.mlp(normed, valid_bt)
+            # With a cache the expert weights arrive as whole stacks (see _scan_layers).
+            mlp_out, stats = self.mlp(normed, valid_bt, None if cache is None else layer)
         else:
             mlp_out = self.mlp(normed)
         return h_btd + mlp_out, cache, stats
@@ -151,11 +156,20 @@ class QwenMoeForCausalLM(nnx.Module):
         parameters and index; returns (h, cache, RouterStats stacked over the run or None)."""
         graphdef, params = nnx.split(stack)
         count = jax.tree.leaves(params)[0].shape[0]
+        # On the cache path (never differentiated) the expert stacks [L, E, ...] go in whole and the
+        # MoE block slices (layer, expert) itself: a per-layer slice fed to the tiled dispatch's loop
+        # would be copied whole (every expert) at every layer and decode step.
+        whole = nnx.State({})
+        if cache is not None and stack.is_moe:
+            flat = nnx.to_flat_state(params)
+            is_expert = lambda path: tuple(path[-2:]) in _EXPERT_WEIGHTS
+            whole = nnx.from_flat_state([(p, v) for p, v in flat if is_expert(p)])
+            params = nnx.from_flat_state([(p, v) for p, v in flat if not is_expert(p)])
 
         def one_layer(carry, layer_params_and_index):
             h_btd, cache = carry
             layer_params, layer = layer_params_and_index
-            layer_module = nnx.merge(graphdef, layer_params)
+            layer_module = nnx.merge(graphdef, layer_params, whole)
             h_btd, cache, stats = layer_module(h_btd, pos_bt, valid_bt, cache, cache_start, layer)
             return (h_btd, cache), stats
 
