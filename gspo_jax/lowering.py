@@ -14,7 +14,12 @@ from gspo_jax.update import RolloutBatch, TrainState, UpdateSettings, make_train
 
 
 def lower_train_step(
-    model_cfg: ModelConfig, *, rows: int = 8, prompt_len: int = 16, completion_len: int = 16, minibatches: int = 2
+    model_cfg: ModelConfig,
+    *,
+    rows: int = 8,
+    prompt_len: int = 16,
+    completion_len: int = 16,
+    minibatches: int = 2,
 ) -> jax.stages.Lowered:
     """update.make_train_fn (GSPO sequence level, AdamW) lowered for `rows` sequences of
     prompt_len + completion_len tokens split into `minibatches` updates."""

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from gspo_jax.lowering import lower_train_step
-from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
 from gspo_jax.models.config import ModelConfig
+from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
 
 SMALL = ModelConfig(
     vocab_size=64,
@@ -46,12 +46,16 @@ def test_decode_step_never_copies_a_layers_whole_expert_stack():
     def decode_step(params, token_b1):
         model = nnx.merge(graphdef, params)
         cache = model.init_cache(token_b1.shape[0], 8)
-        return model.forward(token_b1, positions_bt=jnp.zeros_like(token_b1), cache=cache, cache_start=0).hidden
+        return model.forward(
+            token_b1, positions_bt=jnp.zeros_like(token_b1), cache=cache, cache_start=0
+        ).hidden
 
     hlo = jax.jit(decode_step).lower(params, jax.ShapeDtypeStruct((4, 1), jnp.int32)).compile().as_text()
     d, i, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
     layer_stacks = [rf"f32\[(1,)?{e},{a},{b}\]" for a, b in ((d, i), (i, d))]
     copied = [
-        line for line in hlo.splitlines() if any(re.search(r"= " + shape + r"\{", line) for shape in layer_stacks)
+        line
+        for line in hlo.splitlines()
+        if any(re.search(r"= " + shape + r"\{", line) for shape in layer_stacks)
     ]
     assert not copied, copied[:3]

@@ -70,7 +70,7 @@ class KVCache:
     pos: jax.Array
 
     @classmethod
-    def zeros(cls, layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
+    def zeros(cls, layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
         return cls(
             k=jnp.zeros((layers, batch, slots, kv_heads, head_dim), dtype),
             v=jnp.zeros((layers, batch, slots, kv_heads, head_dim), dtype),
@@ -78,7 +78,7 @@ class KVCache:
             pos=jnp.zeros((batch, slots), jnp.int32),
         )
 
-    def write_slots(self, start, valid_bt, pos_bt) -> "KVCache":
+    def write_slots(self, start, valid_bt, pos_bt) -> KVCache:
         """Marks slots [start, start + T) as holding this call's tokens (start is a traced scalar)."""
         return dataclasses.replace(
             self,
@@ -86,7 +86,7 @@ class KVCache:
             pos=jax.lax.dynamic_update_slice(self.pos, pos_bt.astype(jnp.int32), (0, start)),
         )
 
-    def write_layer(self, layer, start, k_bthd, v_bthd) -> "KVCache":
+    def write_layer(self, layer, start, k_bthd, v_bthd) -> KVCache:
         """Writes `layer`'s T new keys and values at slots [start, start + T) (both traced scalars)."""
         at = (layer, 0, start, 0, 0)
         return dataclasses.replace(
@@ -100,7 +100,7 @@ class KVCache:
         take = lambda x: jax.lax.dynamic_index_in_dim(x, layer, axis=0, keepdims=False)
         return take(self.k), take(self.v)
 
-    def repeat_rows(self, n: int) -> "KVCache":
+    def repeat_rows(self, n: int) -> KVCache:
         """Each batch row n times in a row (row b becomes rows b*n .. b*n + n - 1)."""
         return KVCache(
             k=jnp.repeat(self.k, n, axis=1),

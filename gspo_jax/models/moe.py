@@ -208,7 +208,9 @@ def _tiled_moe_bwd(capacity_vjp, dy_td):
 _tiled_moe.defvjp(_tiled_moe_fwd, _tiled_moe_bwd)
 
 
-def tiled_dispatch(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, *, capacity_factor, layer=None):
+def tiled_dispatch(
+    x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, *, capacity_factor, layer=None
+):
     """Dropless loop over the chosen experts only: each one's weights are sliced once and its
     assignments (sorted by expert) run through SwiGLU in tiles of `tile_rows` rows.
 
@@ -220,10 +222,9 @@ def tiled_dispatch(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid
     """
     del capacity_factor
     if layer is not None:
-        return _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, layer), jnp.zeros(
-            (), jnp.float32
-        )
-    y = _tiled_moe(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid)
+        y = _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, layer)
+    else:
+        y = _tiled_moe(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid)
     return y, jnp.zeros((), jnp.float32)
 
 

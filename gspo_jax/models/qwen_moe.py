@@ -18,6 +18,7 @@ from gspo_jax.models.config import ModelConfig
 from gspo_jax.models.layers import Attention, KVCache, RMSNorm, SwiGLU, param
 from gspo_jax.models.moe import MoeBlock, RouterStats, load_balancing_loss
 
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecoderOutput:
@@ -145,7 +146,9 @@ class QwenMoeForCausalLM(nnx.Module):
             cache = cache.write_slots(cache_start, valid_bt, positions_bt)
         stats = []
         for (first, _), stack in zip(self.runs, self.layers):
-            h, cache, run_stats = self._scan_layers(stack, first, h, positions_bt, valid_bt, cache, cache_start)
+            h, cache, run_stats = self._scan_layers(
+                stack, first, h, positions_bt, valid_bt, cache, cache_start
+            )
             if run_stats is not None:
                 stats.append(run_stats)
         router_stats = jax.tree.map(lambda *s: jnp.concatenate(s), *stats) if stats else None
