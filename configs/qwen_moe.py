@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.capacity_factor = 0.0  # <= 0: dropless
     c.model.expert_parallel = "auto"  # auto: all-to-all expert parallelism when mesh.expert > 1 | off
     c.model.remat = False  # recompute decoder layers in the backward pass (long completions, big models)
+    c.model.remat_policy = "nothing_saveable"  # what remat keeps: nothing_saveable | dots_saveable
     c.model.aux_loss_coef = config_dict.placeholder(float)  # None: the model's router_aux_loss_coef
     c.model.logprob_chunk = 256  # time steps per chunk of the LM-head log-softmax
 

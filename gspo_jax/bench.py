@@ -15,6 +15,13 @@ machine's streaming bandwidth (measured here: a jitted sum over a 1 GiB array): 
 counts the experts the routing actually chose at each step plus every non-expert weight, and
 "of bound" is (weights bytes / bandwidth) / step time.
 
+  python -m gspo_jax.bench --what=compile [--depths=2,8,32] [--remat]
+
+`compile`: lowers and compiles the GSPO train step (update.make_train_fn, AdamW, 8 sequences of
+16 + 16 tokens in 2 minibatches) of a small-width Qwen3-MoE (COMPILE_MODEL) at each --depths number
+of decoder layers, from abstract inputs; reports seconds to lower and to compile (wall), CPU seconds of
+both (all threads), and the size of the lowered StableHLO and of the optimised HLO text. Scanned layers keep all four flat in depth.
+
 New benchmarks register a function in BENCHMARKS that returns a list of result rows (dicts).
 """
 
@@ -40,7 +47,7 @@ def define_flags() -> None:
     """Defines this CLI's flags (at run time, so the CLI modules can be imported together)."""
     if "batch_sizes" in flags.FLAGS:
         return
-    flags.DEFINE_enum("what", "decode", ["decode"], "Which benchmark to run.")
+    flags.DEFINE_enum("what", "decode", ["decode", "compile"], "Which benchmark to run.")
     flags.DEFINE_list("batch_sizes", ["8", "64"], "Prompts per batch.")
     flags.DEFINE_integer("max_new_tokens", 128, "Tokens generated per prompt.")
     flags.DEFINE_integer("prompt_len", 32, "Prompt length in tokens (all prompts equal length).")
@@ -51,6 +58,8 @@ def define_flags() -> None:
     flags.DEFINE_list("cache_dtypes", ["float32"], "gspo_jax KV cache dtypes (float32 is faster on CPU).")
     flags.DEFINE_integer("rounds", 3, "Timed repetitions per configuration (the best is reported).")
     flags.DEFINE_bool("transformers", True, "Also time transformers' generate on the same weights.")
+    flags.DEFINE_list("depths", ["2", "8", "32"], "compile: decoder depths to compile the train step at.")
+    flags.DEFINE_bool("remat", False, "compile: rematerialise decoder layers.")
     flags.DEFINE_string("json_out", "", "Write the result rows and machine facts to this JSON file.")
 
 
@@ -68,6 +77,19 @@ BENCH_MODEL = dict(
     moe_intermediate_size=512,
     norm_topk_prob=True,
     max_position_embeddings=4096,
+)
+
+# Small width, so compile time is dominated by program structure rather than tensor sizes.
+COMPILE_MODEL = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=64,
 )
 
 
@@ -118,7 +140,7 @@ def touched_experts_per_step(graphdef, params, prompt_ids, completion_ids):
         out = model.forward(
             token, positions_bt=jnp.full((batch, 1), width + i), cache=cache, cache_start=width + i
         )
-        return out.cache, sum(jnp.sum(s.expert_counts > 0) for s in out.router_stats)
+        return out.cache, jnp.sum(out.router_stats.expert_counts > 0)
 
     _, touched = jax.lax.scan(one_step, cache, jnp.arange(steps))
     return float(jnp.mean(touched))
@@ -127,9 +149,10 @@ def touched_experts_per_step(graphdef, params, prompt_ids, completion_ids):
 def weight_bytes_per_step(params, touched_pairs: float, batch: int) -> float:
     """Bytes of weights one decode step reads: chosen experts, all other weights, B embedding rows."""
     flat = {path: v.get_value() for path, v in nnx.to_flat_state(params)}
-    expert = [v for p, v in flat.items() if p[-1] in ("gate_proj", "up_proj", "down_proj") and v.ndim == 3]
-    num_experts = expert[0].shape[0]
-    per_layer_expert = sum(v.nbytes for v in expert) / num_experts / (len(expert) // 3)
+    # Expert weights are stacked [layers, E, ...]; a (layer, expert) pair owns one slice of each.
+    expert = [v for p, v in flat.items() if p[-1] in ("gate_proj", "up_proj", "down_proj") and v.ndim == 4]
+    pairs = sum(v.shape[0] * v.shape[1] for v in expert) / 3
+    per_layer_expert = sum(v.nbytes for v in expert) / pairs
     embed = flat[("embed_tokens",)]
     dense = sum(
         v.nbytes for p, v in flat.items() if p != ("embed_tokens",) and not any(v is e for e in expert)
@@ -253,7 +276,32 @@ def run_decode() -> list[dict]:
     return [row for batch_rows in rows.values() for row in batch_rows]
 
 
-BENCHMARKS: dict[str, Callable[[], list[dict]]] = {"decode": run_decode}
+def run_compile() -> list[dict]:
+    from gspo_jax.lowering import lower_train_step
+
+    rows = []
+    for depth in map(int, flags.FLAGS.depths):
+        cfg = gspo_jax.ModelConfig(**COMPILE_MODEL, num_hidden_layers=depth, remat=flags.FLAGS.remat)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        lowered = lower_train_step(cfg)
+        lowered_at = time.perf_counter()
+        compiled = lowered.compile()
+        compiled_at, compiled_cpu = time.perf_counter(), time.process_time()
+        rows.append(
+            {
+                "layers": depth,
+                "remat": flags.FLAGS.remat,
+                "lower_s": lowered_at - start,
+                "compile_s": compiled_at - lowered_at,
+                "total_cpu_s": compiled_cpu - start_cpu,  # all threads; robust to a busy machine
+                "stablehlo_chars": len(lowered.as_text()),
+                "hlo_chars": len(compiled.as_text()),
+            }
+        )
+    return rows
+
+
+BENCHMARKS: dict[str, Callable[[], list[dict]]] = {"decode": run_decode, "compile": run_compile}
 
 COLUMNS = (
     ("impl", "{}"),
@@ -272,11 +320,22 @@ COLUMNS = (
 )
 
 
-def format_table(rows: list[dict]) -> str:
-    cells = [[name for name, _ in COLUMNS]]
+COMPILE_COLUMNS = (
+    ("layers", "{}"),
+    ("remat", "{}"),
+    ("lower_s", "{:.1f}"),
+    ("compile_s", "{:.1f}"),
+    ("total_cpu_s", "{:.1f}"),
+    ("stablehlo_chars", "{}"),
+    ("hlo_chars", "{}"),
+)
+
+
+def format_table(rows: list[dict], columns=COLUMNS) -> str:
+    cells = [[name for name, _ in columns]]
     for row in rows:
-        cells.append(["-" if row.get(name) is None else fmt.format(row[name]) for name, fmt in COLUMNS])
-    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+        cells.append(["-" if row.get(name) is None else fmt.format(row[name]) for name, fmt in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells)
 
 
@@ -291,7 +350,7 @@ def main(argv):
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
     }
-    print(format_table(rows))
+    print(format_table(rows, COMPILE_COLUMNS if flags.FLAGS.what == "compile" else COLUMNS))
     print(json.dumps(facts))
     if flags.FLAGS.json_out:
         with open(flags.FLAGS.json_out, "w") as f:

@@ -34,6 +34,7 @@ def model_config(cfg) -> ModelConfig:
         capacity_factor=cfg.model.capacity_factor,
         remat=cfg.model.get("remat", False),  # configs saved before remat existed lack it
         expert_parallel=cfg.model.get("expert_parallel", "auto"),
+        remat_policy=cfg.model.get("remat_policy", "nothing_saveable"),
     )
     if cfg.model.hf_path:
         return ModelConfig.from_hf_path(cfg.model.hf_path, **runtime)
@@ -56,6 +57,7 @@ def build_policy(cfg, mesh) -> Policy:
             capacity_factor=cfg.model.capacity_factor,
             remat=cfg.model.get("remat", False),
             expert_parallel=cfg.model.get("expert_parallel", "auto"),
+            remat_policy=cfg.model.get("remat_policy", "nothing_saveable"),
         )
         _, params = nnx.split(model)
     else:

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gspo_jax.models.layers import KVCache
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -123,7 +125,7 @@ class _DecodeState(NamedTuple):
     step: jax.Array  # index of the last recorded token
     token_r: jax.Array  # [R] last sampled token
     done_r: jax.Array  # [R] bool: the row has produced a stop id
-    cache: list
+    cache: KVCache
     ids_rn: jax.Array
     mask_rn: jax.Array
     logp_rn: jax.Array
@@ -227,7 +229,7 @@ class Sampler:
         last_logits_bv = model.logits(prefill.hidden[:, -1])
         # G samples per prompt: repeat the prefilled cache, not the prefill.
         repeat = lambda x: jnp.repeat(x, g, axis=0)
-        cache = jax.tree.map(repeat, prefill.cache)
+        cache = prefill.cache.repeat_rows(g)
         logits_rv = repeat(last_logits_bv)
         rows = batch * g
         first_pos_r = repeat(jnp.sum(valid_bp, axis=-1, dtype=jnp.int32))  # position of token 0

@@ -35,6 +35,7 @@ DEFAULT_RULES: dict[str, Any] = {
     "norm": None,
     "expert": "expert",
     "expert_mlp": "tensor",
+    "layers": None,  # the stacked decoder layers' leading axis (scanned over, so never split)
 }
 
 

@@ -153,10 +153,10 @@ def make_train_fn(
         metrics["moe/aux_loss"] = aux
         metrics["entropy"] = losses.token_mean(entropy, mask)
         metrics |= losses.logprob_gap_metrics(logp, mb.sampler_logp, mask)
-        if stats:
-            counts = jnp.stack([s.expert_counts for s in stats])
+        if stats is not None:
+            counts = stats.expert_counts  # [MoE layers, E]
             metrics["moe/expert_load"] = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
-            metrics["moe/dropped_frac"] = sum(s.dropped for s in stats) / jnp.maximum(jnp.sum(counts), 1.0)
+            metrics["moe/dropped_frac"] = jnp.sum(stats.dropped) / jnp.maximum(jnp.sum(counts), 1.0)
         return loss + settings.aux_loss_coef * aux, metrics
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

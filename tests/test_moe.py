@@ -166,10 +166,11 @@ def test_abstract_parameter_count_equals_release(preset):
     leaves = {path: v.get_value() for path, v in nnx.to_flat_state(state)}
     assert all(isinstance(v, jax.ShapeDtypeStruct) for v in leaves.values())  # nothing allocated
     total = sum(int(np.prod(v.shape)) for v in leaves.values())
+    # Expert weights are stacked [layers, E, ...]: one expert's share is the total over E.
     per_expert = sum(
-        int(np.prod(v.shape[1:]))
+        int(np.prod(v.shape)) // cfg.num_experts
         for p, v in leaves.items()
-        if p[-1] in ("gate_proj", "up_proj", "down_proj") and "mlp" in p and len(v.shape) == 3
+        if p[-1] in ("gate_proj", "up_proj", "down_proj") and "mlp" in p and len(v.shape) == 4
     )
     inactive = per_expert * (cfg.num_experts - cfg.num_experts_per_tok)
     assert (total, total - inactive) == RELEASED[preset]

@@ -143,8 +143,9 @@ def test_checkpoint_of_another_model_shape_names_parameters(trained_workdir, tmp
     trainer.policy = trainer.policy.__class__(bigger, *_reshaped_policy(bigger, trainer.mesh))
     with pytest.raises(checkpoint.CheckpointMismatchError) as err:
         trainer.run()
-    assert "mlp/gate_proj" in str(err.value) and "(8, 128, 128)" in str(err.value)
-    assert "(8, 128, 64)" in str(err.value)
+    # Stacked layers: [layers, experts, hidden, expert width].
+    assert "mlp/gate_proj" in str(err.value) and "(2, 8, 128, 128)" in str(err.value)
+    assert "(2, 8, 128, 64)" in str(err.value)
     assert _tree_files(workdir) == before
 
 

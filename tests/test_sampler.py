@@ -208,6 +208,29 @@ def test_one_prefill_for_g_samples_and_early_exit_when_all_rows_stop(tiny):
     assert len(CountingModel.calls) == 1 + last_stop  # the loop ran no step after the last stop
 
 
+def test_heterogeneous_layer_runs_decode_like_full_forward_and_transformers(tmp_path):
+    """Dense and sparse layers in three scanned runs share one stacked cache: the greedy tokens are the
+    argmax of one cache-free forward over [prompt | completion] and equal transformers' generate."""
+    hf = build_hf_model(
+        "qwen3", weight_std=0.3, num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3]
+    )
+    model = gspo_jax.from_pretrained(save_hf_model(hf, tmp_path / "m"))
+    assert model.runs == ((0, 1), (1, 1), (2, 2))
+    graphdef, params = nnx.split(model)
+    ids, mask = left_pad(PROMPTS)
+    out = Sampler(graphdef, max_new_tokens=N, temperature=0.0, pad_id=PAD)(
+        params, ids, mask, jax.random.key(0)
+    )
+    got = np.asarray(out.completion_ids)
+    seq, valid = np.concatenate([ids, got], axis=1), np.concatenate([mask, np.ones_like(got)], axis=1)
+    np.testing.assert_array_equal(got, full_logits(model, seq, valid)[:, ids.shape[1] - 1 : -1].argmax(-1))
+    np.testing.assert_allclose(
+        np.asarray(out.logprobs), sampled_logprobs_reference(model, ids, mask, out, 1.0), atol=1e-4
+    )
+    expected, gap = hf_greedy(hf, PROMPTS[1], N)
+    assert gap > 1e-3 and got[1].tolist() == expected
+
+
 def test_every_dispatch_strategy_gives_the_same_greedy_completion(tiny):
     _, path, _, graphdef, params = tiny
     ids, mask = left_pad(PROMPTS)

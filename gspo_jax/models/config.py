@@ -16,6 +16,9 @@ import jax.numpy as jnp
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "qwen2_moe")
 MOE_DISPATCH_STRATEGIES = ("auto", "dense", "capacity", "ragged", "tiled")
 EXPERT_PARALLEL_MODES = ("auto", "off")
+# What a rematerialised layer keeps for the backward pass: nothing (recompute the whole layer), or the
+# results of its matmuls (recompute only the cheap elementwise work; more memory, fewer FLOPs).
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -73,6 +76,7 @@ class ModelConfig:
     # the single-device dispatch
     expert_parallel: str = "auto"
     remat: bool = False  # recompute each decoder layer in the backward pass (activation memory / layers)
+    remat_policy: str = "nothing_saveable"  # one of REMAT_POLICIES (used when remat)
 
     def __post_init__(self):
         errors = []
@@ -97,6 +101,8 @@ class ModelConfig:
             errors.append(f"moe_dispatch={self.moe_dispatch!r}: use one of {MOE_DISPATCH_STRATEGIES}")
         if self.expert_parallel not in EXPERT_PARALLEL_MODES:
             errors.append(f"expert_parallel={self.expert_parallel!r}: use one of {EXPERT_PARALLEL_MODES}")
+        if self.remat_policy not in REMAT_POLICIES:
+            errors.append(f"remat_policy={self.remat_policy!r}: use one of {REMAT_POLICIES}")
         for name in ("param_dtype", "dtype"):
             canonical = dtype_name(getattr(self, name))
             if canonical is None:

@@ -17,11 +17,12 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from gspo_jax.models.config import ModelConfig
-from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
+from gspo_jax.models.qwen_moe import QwenMoeForCausalLM, layer_runs
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -33,13 +34,18 @@ Path = tuple
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-    """params at `paths` <-> HF tensors `keys` of `shapes` through `to_params` / `to_hf`."""
+    """params at `paths` <-> HF tensors `keys` of `shapes` through `to_params` / `to_hf`.
+
+    layer: for a decoder layer, (index, run length): the params at `paths` are [run length, ...]
+    stacks and this spec's arrays are their slice `index`; None for a parameter outside the layers.
+    """
 
     paths: tuple[Path, ...]
     keys: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     to_params: Callable[[list[np.ndarray]], list[np.ndarray]]
     to_hf: Callable[[list[np.ndarray]], list[np.ndarray]]
+    layer: tuple[int, int] | None = None
 
 
 def _linear(path: Path, key: str, d_in: int, out_shape: tuple[int, ...]) -> TensorSpec:
@@ -126,52 +132,63 @@ def _mlp_specs(prefix: Path, hf: str, d: int, inter: int) -> list[TensorSpec]:
     ]
 
 
-def tensor_specs(cfg: ModelConfig, fused_experts: frozenset[int] = frozenset()) -> list[TensorSpec]:
-    """Every parameter's HF counterpart; layers in `fused_experts` use the fused expert layout."""
+def _layer_specs(cfg: ModelConfig, p: Path, layer: int, fused: bool) -> list[TensorSpec]:
+    """HF layer `layer`'s tensors <-> one slice of the stacked parameters under `p`."""
     d, nq, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    hf = f"model.layers.{layer}"
+    attn, hf_attn = p + ("self_attn",), hf + ".self_attn"
     specs = [
-        _same(("embed_tokens",), "model.embed_tokens.weight", (cfg.vocab_size, d)),
-        _same(("norm", "weight"), "model.norm.weight", (d,)),
+        _same(p + ("input_layernorm", "weight"), hf + ".input_layernorm.weight", (d,)),
+        _same(p + ("post_attention_layernorm", "weight"), hf + ".post_attention_layernorm.weight", (d,)),
+        _linear(attn + ("q_proj",), hf_attn + ".q_proj.weight", d, (nq, hd)),
+        _linear(attn + ("k_proj",), hf_attn + ".k_proj.weight", d, (nkv, hd)),
+        _linear(attn + ("v_proj",), hf_attn + ".v_proj.weight", d, (nkv, hd)),
+        _linear_in_heads(attn + ("o_proj",), hf_attn + ".o_proj.weight", (nq, hd), d),
+    ]
+    if cfg.has_qkv_bias:
+        specs += [
+            _reshaped(attn + ("q_bias",), hf_attn + ".q_proj.bias", (nq * hd,), (nq, hd)),
+            _reshaped(attn + ("k_bias",), hf_attn + ".k_proj.bias", (nkv * hd,), (nkv, hd)),
+            _reshaped(attn + ("v_bias",), hf_attn + ".v_proj.bias", (nkv * hd,), (nkv, hd)),
+        ]
+    if cfg.attention_bias:
+        specs.append(_same(attn + ("o_bias",), hf_attn + ".o_proj.bias", (d,)))
+    if cfg.qk_norm:
+        specs += [
+            _same(attn + ("q_norm", "weight"), hf_attn + ".q_norm.weight", (hd,)),
+            _same(attn + ("k_norm", "weight"), hf_attn + ".k_norm.weight", (hd,)),
+        ]
+    mlp, hf_mlp = p + ("mlp",), hf + ".mlp"
+    if not cfg.is_moe_layer(layer):
+        return specs + _mlp_specs(mlp, hf_mlp, d, cfg.intermediate_size)
+    specs.append(_linear(mlp + ("router",), hf_mlp + ".gate.weight", d, (cfg.num_experts,)))
+    specs += _expert_specs(mlp, hf_mlp, cfg, fused=fused)
+    if cfg.shared_expert_intermediate_size:
+        specs += _mlp_specs(
+            mlp + ("shared_expert",), hf_mlp + ".shared_expert", d, cfg.shared_expert_intermediate_size
+        )
+        specs.append(_linear(mlp + ("shared_expert_gate",), hf_mlp + ".shared_expert_gate.weight", d, (1,)))
+    return specs
+
+
+def tensor_specs(cfg: ModelConfig, fused_experts: frozenset[int] = frozenset()) -> list[TensorSpec]:
+    """Every parameter's HF counterpart; layers in `fused_experts` use the fused expert layout.
+
+    HF layer `first + j` of the run of layers stacked under ("layers", run) is slice j of its params.
+    """
+    specs = [
+        _same(("embed_tokens",), "model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)),
+        _same(("norm", "weight"), "model.norm.weight", (cfg.hidden_size,)),
     ]
     if not cfg.tie_word_embeddings:
-        specs.append(_linear(("lm_head",), "lm_head.weight", d, (cfg.vocab_size,)))
-    for layer in range(cfg.num_hidden_layers):
-        p, hf = ("layers", layer), f"model.layers.{layer}"
-        attn, hf_attn = p + ("self_attn",), hf + ".self_attn"
-        specs += [
-            _same(p + ("input_layernorm", "weight"), hf + ".input_layernorm.weight", (d,)),
-            _same(p + ("post_attention_layernorm", "weight"), hf + ".post_attention_layernorm.weight", (d,)),
-            _linear(attn + ("q_proj",), hf_attn + ".q_proj.weight", d, (nq, hd)),
-            _linear(attn + ("k_proj",), hf_attn + ".k_proj.weight", d, (nkv, hd)),
-            _linear(attn + ("v_proj",), hf_attn + ".v_proj.weight", d, (nkv, hd)),
-            _linear_in_heads(attn + ("o_proj",), hf_attn + ".o_proj.weight", (nq, hd), d),
-        ]
-        if cfg.has_qkv_bias:
+        specs.append(_linear(("lm_head",), "lm_head.weight", cfg.hidden_size, (cfg.vocab_size,)))
+    for run, (first, count) in enumerate(layer_runs(cfg)):
+        for j in range(count):
+            layer = first + j
             specs += [
-                _reshaped(attn + ("q_bias",), hf_attn + ".q_proj.bias", (nq * hd,), (nq, hd)),
-                _reshaped(attn + ("k_bias",), hf_attn + ".k_proj.bias", (nkv * hd,), (nkv, hd)),
-                _reshaped(attn + ("v_bias",), hf_attn + ".v_proj.bias", (nkv * hd,), (nkv, hd)),
+                dataclasses.replace(spec, layer=(j, count))
+                for spec in _layer_specs(cfg, ("layers", run), layer, layer in fused_experts)
             ]
-        if cfg.attention_bias:
-            specs.append(_same(attn + ("o_bias",), hf_attn + ".o_proj.bias", (d,)))
-        if cfg.qk_norm:
-            specs += [
-                _same(attn + ("q_norm", "weight"), hf_attn + ".q_norm.weight", (hd,)),
-                _same(attn + ("k_norm", "weight"), hf_attn + ".k_norm.weight", (hd,)),
-            ]
-        mlp, hf_mlp = p + ("mlp",), hf + ".mlp"
-        if not cfg.is_moe_layer(layer):
-            specs += _mlp_specs(mlp, hf_mlp, d, cfg.intermediate_size)
-            continue
-        specs.append(_linear(mlp + ("router",), hf_mlp + ".gate.weight", d, (cfg.num_experts,)))
-        specs += _expert_specs(mlp, hf_mlp, cfg, fused=layer in fused_experts)
-        if cfg.shared_expert_intermediate_size:
-            specs += _mlp_specs(
-                mlp + ("shared_expert",), hf_mlp + ".shared_expert", d, cfg.shared_expert_intermediate_size
-            )
-            specs.append(
-                _linear(mlp + ("shared_expert_gate",), hf_mlp + ".shared_expert_gate.weight", d, (1,))
-            )
     return specs
 
 
@@ -258,19 +275,46 @@ def _place(array: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def _without_layer_axis(sharding):
+    """The sharding of one slice of a stacked parameter (None stays None)."""
+    if sharding is None:
+        return None
+    return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+
+
+# Writes slice i of a stacked parameter in place (the stack is donated): one compile per shape.
+_set_layer = jax.jit(
+    lambda stack, x, i: jax.lax.dynamic_update_index_in_dim(stack, x, i, axis=0), donate_argnums=0
+)
+_get_layer = jax.jit(lambda stack, i: jax.lax.dynamic_index_in_dim(stack, i, axis=0, keepdims=False))
+
+
 def load_params(
     path: str, cfg: ModelConfig, shardings: dict[Path, object] | None = None
 ) -> dict[Path, jax.Array]:
-    """Reads and converts every parameter; `shardings` maps a param path to its jax Sharding."""
+    """Reads and converts every parameter; `shardings` maps a param path to its jax Sharding.
+
+    A stacked layer parameter is allocated once in its sharding and filled one HF layer at a time,
+    so neither host nor device ever holds a second copy of it.
+    """
     reader = _SafetensorsDir(path)
     specs = tensor_specs(cfg, _fused_expert_layers(reader.key_to_file, cfg))
     _check_keys(specs, reader, cfg, path)
     dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
+    shardings = shardings or {}
     params = {}
     for spec in specs:
         arrays = spec.to_params([reader.read(k) for k in spec.keys])
         for p, array in zip(spec.paths, arrays):
-            params[p] = _place(np.ascontiguousarray(array.astype(dtype)), (shardings or {}).get(p))
+            array = np.ascontiguousarray(array.astype(dtype))
+            if spec.layer is None:
+                params[p] = _place(array, shardings.get(p))
+                continue
+            index, count = spec.layer
+            if p not in params:
+                params[p] = jax.numpy.zeros((count, *array.shape), dtype, device=shardings.get(p))
+            layer = _place(array, _without_layer_axis(shardings.get(p)))
+            params[p] = _set_layer(params[p], layer, np.int32(index))
     return params
 
 
@@ -327,7 +371,11 @@ def save_pretrained(
     flat = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     tensors: dict[str, np.ndarray] = {}
     for spec in tensor_specs(cfg, fused):
-        values = spec.to_hf([_host_numpy(flat[p]) for p in spec.paths])
+        if spec.layer is None:
+            values = spec.to_hf([_host_numpy(flat[p]) for p in spec.paths])
+        else:
+            index = np.int32(spec.layer[0])
+            values = spec.to_hf([_host_numpy(_get_layer(flat[p], index)) for p in spec.paths])
         for key, value in zip(spec.keys, values):
             tensors[key] = np.ascontiguousarray(value.astype(out_dtype))
     if jax.process_index() != 0:

@@ -57,11 +57,13 @@ def apply_rope(x_bthd, cos_bth, sin_bth):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class LayerKVCache:
-    """One layer's preallocated cache; slot s of row b holds the token at position pos[b, s].
+class KVCache:
+    """Every layer's preallocated cache, stacked on a leading layer axis (the scan over layers carries
+    it and each layer updates its own slice in place); slot s of row b holds position pos[b, s].
 
-    k, v: [B, S, kv_heads, head_dim]; valid: [B, S] bool (slot written with a real token);
-    pos: [B, S] int32 token position of each slot (used for causal and sliding-window masks).
+    k, v: [L, B, S, kv_heads, head_dim]; valid: [B, S] bool (slot written with a real token);
+    pos: [B, S] int32 token position of each slot. All layers write the same slots, so valid and pos
+    are shared (used for causal and sliding-window masks).
     """
 
     k: jax.Array
@@ -70,22 +72,43 @@ class LayerKVCache:
     pos: jax.Array
 
     @classmethod
-    def zeros(cls, batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> "LayerKVCache":
+    def zeros(cls, layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
         return cls(
-            k=jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
-            v=jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
+            k=jnp.zeros((layers, batch, slots, kv_heads, head_dim), dtype),
+            v=jnp.zeros((layers, batch, slots, kv_heads, head_dim), dtype),
             valid=jnp.zeros((batch, slots), bool),
             pos=jnp.zeros((batch, slots), jnp.int32),
         )
 
-    def write(self, start, k_bthd, v_bthd, valid_bt, pos_bt) -> "LayerKVCache":
-        """Writes T new slots at [start, start + T) for every row (start is a traced scalar)."""
-        at = (0, start, 0, 0)
-        return LayerKVCache(
-            k=jax.lax.dynamic_update_slice(self.k, k_bthd.astype(self.k.dtype), at),
-            v=jax.lax.dynamic_update_slice(self.v, v_bthd.astype(self.v.dtype), at),
+    def write_slots(self, start, valid_bt, pos_bt) -> KVCache:
+        """Marks slots [start, start + T) as holding this call's tokens (start is a traced scalar)."""
+        return dataclasses.replace(
+            self,
             valid=jax.lax.dynamic_update_slice(self.valid, valid_bt, (0, start)),
             pos=jax.lax.dynamic_update_slice(self.pos, pos_bt.astype(jnp.int32), (0, start)),
+        )
+
+    def write_layer(self, layer, start, k_bthd, v_bthd) -> KVCache:
+        """Writes `layer`'s T new keys and values at slots [start, start + T) (both traced scalars)."""
+        at = (layer, 0, start, 0, 0)
+        return dataclasses.replace(
+            self,
+            k=jax.lax.dynamic_update_slice(self.k, k_bthd[None].astype(self.k.dtype), at),
+            v=jax.lax.dynamic_update_slice(self.v, v_bthd[None].astype(self.v.dtype), at),
+        )
+
+    def layer_kv(self, layer):
+        """`layer`'s keys and values, [B, S, kv_heads, head_dim] each."""
+        take = lambda x: jax.lax.dynamic_index_in_dim(x, layer, axis=0, keepdims=False)
+        return take(self.k), take(self.v)
+
+    def repeat_rows(self, n: int) -> KVCache:
+        """Each batch row n times in a row (row b becomes rows b*n .. b*n + n - 1)."""
+        return KVCache(
+            k=jnp.repeat(self.k, n, axis=1),
+            v=jnp.repeat(self.v, n, axis=1),
+            valid=jnp.repeat(self.valid, n, axis=0),
+            pos=jnp.repeat(self.pos, n, axis=0),
         )
 
 
@@ -162,11 +185,12 @@ class Attention(nnx.Module):
             y = y + getattr(self, f"{name}_bias").value.astype(self.dtype)
         return y
 
-    def __call__(self, x_btd, pos_bt, valid_bt, cache: LayerKVCache | None = None, cache_start=None):
+    def __call__(self, x_btd, pos_bt, valid_bt, cache: KVCache | None = None, cache_start=None, layer=None):
         """Returns (y [B, T, D], updated cache or None).
 
-        Without a cache the keys are this call's own tokens. With one, the T new keys are written at
-        slots [cache_start, cache_start + T) and the queries attend over the whole cache.
+        Without a cache the keys are this call's own tokens. With one (whose valid / pos already
+        describe this call's slots), the T new keys are written into `layer`'s slice at slots
+        [cache_start, cache_start + T) and the queries attend over that layer's whole cache.
         """
         q = sharding.constrain(self._project(x_btd, "q"), ("batch", "seq", "q_heads", "head_dim"))
         k = sharding.constrain(self._project(x_btd, "k"), ("batch", "seq", "kv_heads", "head_dim"))
@@ -178,8 +202,8 @@ class Attention(nnx.Module):
         if cache is None:
             keys, values, k_pos, k_valid = k, v, pos_bt, valid_bt
         else:
-            cache = cache.write(cache_start, k, v, valid_bt, pos_bt)
-            keys, values = cache.k.astype(self.dtype), cache.v.astype(self.dtype)
+            cache = cache.write_layer(layer, cache_start, k, v)
+            keys, values = (x.astype(self.dtype) for x in cache.layer_kv(layer))
             k_pos, k_valid = cache.pos, cache.valid
         mask = attention_mask(pos_bt, k_pos, k_valid, self.window)
         out = grouped_attention(q, keys, values, mask)

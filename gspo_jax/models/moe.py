@@ -42,7 +42,8 @@ from gspo_jax.models.layers import SwiGLU, param
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class RouterStats:
-    """Per-layer routing statistics over real (unmasked) tokens.
+    """Routing statistics over real (unmasked) tokens: one layer's, or stacked over the MoE layers
+    with a leading [L] dimension on every field (what the model's forward returns).
 
     expert_counts: [E] top-k assignments per expert; prob_sum: [E] summed router probabilities;
     tokens: scalar count of real tokens; dropped: scalar count of assignments dropped by capacity.
@@ -182,9 +183,10 @@ def expert_weight(w_e, expert, dtype):
     return w_e[expert].astype(dtype)
 
 
-def _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid):
+def _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, layer=None):
+    """layer: None, or the index into stacked [L, E, ...] weights (forward only)."""
     t, k = ids_tk.shape
-    num_experts = gate_edi.shape[0]
+    num_experts = gate_edi.shape[-3]
     tile = tile_rows(t * k, num_experts)
     valid_a = jnp.repeat(valid_t, k)  # a = t * k + j
     ids_a = jnp.where(valid_a, ids_tk.reshape(-1), num_experts)  # padding sorts after every expert
@@ -200,7 +202,8 @@ def _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid
 
     def one_expert(i, y_td):
         expert = chosen[i]
-        gate, up, down = (expert_weight(w, expert, x_td.dtype) for w in (gate_edi, up_edi, down_eid))
+        index = expert if layer is None else (layer, expert)
+        gate, up, down = (expert_weight(w, index, x_td.dtype) for w in (gate_edi, up_edi, down_eid))
 
         def one_tile(j, y_td):
             start = starts_e[expert] + j * tile
@@ -240,16 +243,23 @@ def _tiled_moe_bwd(capacity_vjp, dy_td):
 _tiled_moe.defvjp(_tiled_moe_fwd, _tiled_moe_bwd)
 
 
-def tiled_dispatch(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, *, capacity_factor):
+def tiled_dispatch(
+    x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, *, capacity_factor, layer=None
+):
     """Dropless loop over the chosen experts only: each one's weights are sliced once and its
     assignments (sorted by expert) run through SwiGLU in tiles of `tile_rows` rows.
 
     An expert no real token chose is never read, which is what a decode step on CPU is bound by.
     Loop bounds depend on the routing, so under differentiation the same function runs as dropless
-    capacity (a custom VJP). Returns (y [T, D], dropped=0).
+    capacity (a custom VJP). With `layer`, the weights are whole [L, E, ...] stacks and each chosen
+    expert is sliced straight from them (a forward-only path: decode and prefill).
+    Returns (y [T, D], dropped=0).
     """
     del capacity_factor
-    y = _tiled_moe(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid)
+    if layer is not None:
+        y = _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, layer)
+    else:
+        y = _tiled_moe(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid)
     return y, jnp.zeros((), jnp.float32)
 
 
@@ -454,33 +464,45 @@ class MoeBlock(nnx.Module):
             )
             self.shared_expert_gate = param(rngs, init, (d, 1), pdt, ("embed", None))
 
-    def __call__(self, x_btd, valid_bt):
-        """Returns (y [B, T, D], RouterStats of this layer)."""
+    def __call__(self, x_btd, valid_bt, layer=None):
+        """Returns (y [B, T, D], RouterStats of this layer).
+
+        layer: None, or this layer's index when the expert weights are whole [L, E, ...] stacks (the
+        decoder's cache path); the tiled dispatch then slices (layer, expert) inside its loop.
+        """
         b, t, d = x_btd.shape
         x_td = x_btd.reshape(b * t, d)
         valid_t = valid_bt.reshape(b * t)
         probs_te, ids_tk, weights_tk = route(x_td, self.router.value, self.top_k, self.norm_topk_prob)
-        # Weights go in as stored: each strategy casts them to x's dtype where it reads them.
+        # Weights go in as stored: each strategy casts them to x's dtype where it reads them. On the
+        # cache path they arrive as whole [L, E, ...] stacks with this layer's index.
         experts = (self.gate_proj.value, self.up_proj.value, self.down_proj.value)
+        sliced = experts
+        if layer is not None:
+            sliced = tuple(jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) for w in experts)
         layout = None
         if self.expert_parallel == "auto":
-            layout = expert_parallel_layout(b, experts[0].shape, experts[2].shape)
+            layout = expert_parallel_layout(b, sliced[0].shape, sliced[2].shape)
         if layout is not None:
             y_btd, dropped = expert_parallel_dispatch(
                 x_btd,
                 ids_tk.reshape(b, t, -1),
                 weights_tk.reshape(b, t, -1),
                 valid_bt,
-                *experts,
+                *sliced,
                 layout=layout,
                 capacity_factor=self.capacity_factor,
                 inner=resolve_dispatch(self.dispatch, b * t * self.top_k // layout.ways),
             )
             y_td = y_btd.reshape(b * t, d)
         else:
-            dispatch = DISPATCH_STRATEGIES[resolve_dispatch(self.dispatch, b * t)]
-            y_td, dropped = dispatch(
-                x_td, ids_tk, weights_tk, valid_t, *experts, capacity_factor=self.capacity_factor
+            strategy = resolve_dispatch(self.dispatch, b * t)
+            # tiled slices (layer, expert) inside its loop, so a stack is never copied per layer
+            args, extra = (
+                (experts, {"layer": layer}) if layer is not None and strategy == "tiled" else (sliced, {})
+            )
+            y_td, dropped = DISPATCH_STRATEGIES[strategy](
+                x_td, ids_tk, weights_tk, valid_t, *args, capacity_factor=self.capacity_factor, **extra
             )
         if hasattr(self, "shared_expert"):
             gate = jax.nn.sigmoid(x_td @ self.shared_expert_gate.value.astype(self.dtype))
@@ -497,15 +519,16 @@ class MoeBlock(nnx.Module):
         return y_td.reshape(b, t, d), stats
 
 
-def load_balancing_loss(stats: list[RouterStats]):
+def load_balancing_loss(stats: RouterStats | None):
     """HF's auxiliary loss: E * sum_e f_e * P_e over all MoE layers' real tokens.
 
+    stats: RouterStats stacked over the MoE layers (expert_counts [L, E], ...), None for a dense model.
     f_e: share of top-k assignments to expert e (assignment counts / (layers * tokens));
     P_e: mean router probability of e over the same rows.
     """
-    if not stats:
+    if stats is None:
         return jnp.zeros((), jnp.float32)
-    rows = jnp.maximum(sum(s.tokens for s in stats), 1.0)
-    f = sum(s.expert_counts for s in stats) / rows
-    p = sum(s.prob_sum for s in stats) / rows
-    return f.shape[0] * jnp.sum(f * p)
+    rows = jnp.maximum(jnp.sum(stats.tokens), 1.0)
+    f = jnp.sum(stats.expert_counts, axis=0) / rows
+    p = jnp.sum(stats.prob_sum, axis=0) / rows
+    return f.shape[-1] * jnp.sum(f * p)

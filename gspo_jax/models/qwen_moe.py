@@ -1,4 +1,10 @@
-"""Qwen3-MoE / Qwen2-MoE causal LM: decoder layers, final norm, LM head, KV-cache entry points."""
+"""Qwen3-MoE / Qwen2-MoE causal LM: decoder layers, final norm, LM head, KV-cache entry points.
+
+Decoder layers are stored stacked: each run of consecutive layers with the same structure (MLP dense
+or sparse, attention window) is one DecoderLayer whose parameters carry a leading layer axis, and
+`forward` runs it with `jax.lax.scan`, so the traced and compiled program does not grow with depth.
+Released Qwen3 / Qwen1.5-MoE models are one run; mlp_only_layers / decoder_sparse_step give several.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +17,19 @@ from flax import nnx
 from gspo_jax import sharding
 from gspo_jax.logprobs import lm_head_logits
 from gspo_jax.models.config import ModelConfig
-from gspo_jax.models.layers import Attention, LayerKVCache, RMSNorm, SwiGLU, param
+from gspo_jax.models.layers import Attention, KVCache, RMSNorm, SwiGLU, param
 from gspo_jax.models.moe import MoeBlock, RouterStats, load_balancing_loss
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecoderOutput:
-    """hidden: [B, T, D] final-normed hidden states; cache: per-layer caches or None;
-    router_stats: one RouterStats per MoE layer (empty for a dense model)."""
+    """hidden: [B, T, D] final-normed hidden states; cache: the updated KVCache or None;
+    router_stats: RouterStats stacked over the MoE layers ([L_moe, E], ...), None for a dense model."""
 
     hidden: jax.Array
-    cache: list[LayerKVCache] | None
-    router_stats: list[RouterStats]
+    cache: KVCache | None
+    router_stats: RouterStats | None
 
     @property
     def aux_loss(self):
@@ -32,6 +38,22 @@ class DecoderOutput:
 
 
 RESIDUAL_AXES = ("batch", "seq", "embed")  # logical axes of the residual stream [B, T, D]
+
+
+# The MoE block's expert weights, [L, E, ...] in a stack of layers.
+_EXPERT_WEIGHTS = (("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+
+def layer_runs(cfg: ModelConfig) -> tuple[tuple[int, int], ...]:
+    """(first layer, length) of each run of consecutive layers with the same structure."""
+    kind = lambda i: (cfg.is_moe_layer(i), cfg.layer_window(i))
+    runs: list[list[int]] = []
+    for i in range(cfg.num_hidden_layers):
+        if runs and kind(i) == kind(runs[-1][0]):
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1])
+    return tuple((first, count) for first, count in runs)
 
 
 class DecoderLayer(nnx.Module):
@@ -55,19 +77,38 @@ class DecoderLayer(nnx.Module):
                 rngs=rngs,
             )
 
-    def __call__(self, h_btd, pos_bt, valid_bt, cache, cache_start):
+    def __call__(self, h_btd, pos_bt, valid_bt, cache=None, cache_start=None, layer=None):
+        """One layer: (h [B, T, D], cache with `layer`'s slice updated (or None), RouterStats or None)."""
         # The residual stream keeps one layout at layer boundaries (sharding.ACTIVATION_RULES), so
         # the collectives around each layer are the same for every layer and predictable.
         h_btd = sharding.constrain(h_btd, RESIDUAL_AXES)
-        attn_out, cache = self.self_attn(self.input_layernorm(h_btd), pos_bt, valid_bt, cache, cache_start)
+        attn_out, cache = self.self_attn(
+            self.input_layernorm(h_btd), pos_bt, valid_bt, cache, cache_start, layer
+        )
         h_btd = sharding.constrain(h_btd + attn_out, RESIDUAL_AXES)
         normed = self.post_attention_layernorm(h_btd)
         stats = None
         if self.is_moe:
-            mlp_out, stats = self.mlp(normed, valid_bt)
+            # With a cache the expert weights arrive as whole stacks (see _scan_layers).
+            mlp_out, stats = self.mlp(normed, valid_bt, None if cache is None else layer)
         else:
             mlp_out = self.mlp(normed)
         return sharding.constrain(h_btd + mlp_out, RESIDUAL_AXES), cache, stats
+
+
+def stacked_layers(cfg: ModelConfig, first: int, count: int, rngs: nnx.Rngs) -> DecoderLayer:
+    """`count` layers shaped like layer `first`, parameters stacked on a leading "layers" axis.
+
+    Each layer is initialised from its own key (vmapped), so the stack is built in one traced call.
+    """
+    keys = jax.random.split(rngs.params(), count)
+    make = lambda key: DecoderLayer(cfg, first, rngs=nnx.Rngs(params=key))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(jax.random.key(0))))
+    stack = nnx.merge(graphdef, jax.vmap(lambda key: nnx.split(make(key))[1])(keys))
+    for _, variable in nnx.iter_graph(stack):
+        if isinstance(variable, nnx.Param):
+            variable.set_metadata("logical_axes", ("layers",) + variable.get_metadata("logical_axes"))
+    return stack
 
 
 def default_positions(valid_bt):
@@ -84,7 +125,8 @@ class QwenMoeForCausalLM(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
         init = jax.nn.initializers.normal(cfg.initializer_range)
         self.embed_tokens = param(rngs, init, (cfg.vocab_size, cfg.hidden_size), pdt, ("vocab", "embed"))
-        self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_hidden_layers)])
+        self.runs = layer_runs(cfg)
+        self.layers = nnx.List([stacked_layers(cfg, first, count, rngs) for first, count in self.runs])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, init, (cfg.hidden_size, cfg.vocab_size), pdt, ("embed", "vocab"))
@@ -108,26 +150,48 @@ class QwenMoeForCausalLM(nnx.Module):
         if positions_bt is None:
             positions_bt = default_positions(valid_bt)
         h = self.embed_tokens.value[input_ids_bt].astype(self.dtype)
-        new_cache, stats = [], []
+        if cache is not None:
+            cache = cache.write_slots(cache_start, valid_bt, positions_bt)
+        stats = []
+        for (first, _), stack in zip(self.runs, self.layers):
+            h, cache, run_stats = self._scan_layers(
+                stack, first, h, positions_bt, valid_bt, cache, cache_start
+            )
+            if run_stats is not None:
+                stats.append(run_stats)
+        router_stats = jax.tree.map(lambda *s: jnp.concatenate(s), *stats) if stats else None
+        return DecoderOutput(hidden=self.norm(h), cache=cache, router_stats=router_stats)
+
+    def _scan_layers(self, stack, first, h_btd, pos_bt, valid_bt, cache, cache_start):
+        """Runs one stack of layers with lax.scan: (h, cache) is the carry, each step takes one layer's
+        parameters and index; returns (h, cache, RouterStats stacked over the run or None)."""
+        graphdef, params = nnx.split(stack)
+        count = jax.tree.leaves(params)[0].shape[0]
+        # On the cache path (never differentiated) the expert stacks [L, E, ...] go in whole and the
+        # MoE block slices (layer, expert) itself: a per-layer slice fed to the tiled dispatch's loop
+        # would be copied whole (every expert) at every layer and decode step.
+        whole = nnx.State({})
+        if cache is not None and stack.is_moe:
+            flat = nnx.to_flat_state(params)
+            is_expert = lambda path: tuple(path[-2:]) in _EXPERT_WEIGHTS
+            whole = nnx.from_flat_state([(p, v) for p, v in flat if is_expert(p)])
+            params = nnx.from_flat_state([(p, v) for p, v in flat if not is_expert(p)])
+
+        def one_layer(carry, layer_params_and_index):
+            h_btd, cache = carry
+            layer_params, layer = layer_params_and_index
+            layer_module = nnx.merge(graphdef, layer_params, whole)
+            h_btd, cache, stats = layer_module(h_btd, pos_bt, valid_bt, cache, cache_start, layer)
+            return (h_btd, cache), stats
+
         # With remat, a layer's activations are recomputed in the backward pass instead of stored
         # (cache-free calls only: decoding is never differentiated).
-        remat = self.config.remat and cache is None
-        for i, layer in enumerate(self.layers):
-            layer_args = (h, positions_bt, valid_bt, None if cache is None else cache[i], cache_start)
-            if remat:
-                graphdef, state = nnx.split(layer)
-                run = jax.checkpoint(
-                    lambda state, *args, graphdef=graphdef: nnx.merge(graphdef, state)(*args)
-                )
-                h, layer_cache, layer_stats = run(state, *layer_args)
-            else:
-                h, layer_cache, layer_stats = layer(*layer_args)
-            new_cache.append(layer_cache)
-            if layer_stats is not None:
-                stats.append(layer_stats)
-        return DecoderOutput(
-            hidden=self.norm(h), cache=None if cache is None else new_cache, router_stats=stats
-        )
+        if self.config.remat and cache is None:
+            policy = getattr(jax.checkpoint_policies, self.config.remat_policy)
+            one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)
+        layers = jnp.arange(first, first + count, dtype=jnp.int32)
+        (h_btd, cache), stats = jax.lax.scan(one_layer, (h_btd, cache), (params, layers))
+        return h_btd, cache, stats
 
     def lm_head_weight(self):
         """[D, V] output projection in the compute dtype (the transposed embedding when tied)."""
@@ -139,10 +203,9 @@ class QwenMoeForCausalLM(nnx.Module):
         """[B, T, V] float32, accumulated in fp32 (the same function the trainer's log-probs use)."""
         return lm_head_logits(hidden_btd, self.lm_head_weight())
 
-    def init_cache(self, batch: int, slots: int, dtype=None) -> list[LayerKVCache]:
-        """Zeroed per-layer KV caches of `slots` positions (dtype defaults to the compute dtype)."""
+    def init_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
+        """A zeroed KV cache of `slots` positions for every layer (dtype defaults to the compute dtype)."""
         cfg = self.config
-        return [
-            LayerKVCache.zeros(batch, slots, cfg.num_key_value_heads, cfg.head_dim, dtype or self.dtype)
-            for _ in range(cfg.num_hidden_layers)
-        ]
+        return KVCache.zeros(
+            cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim, dtype or self.dtype
+        )
