@@ -5,8 +5,9 @@
 
 Per device: parameters, optimizer state and gradients as the sharding rules lay them out (the same
 code the trainer uses, on an AbstractMesh), activations of one update minibatch (rematerialised
-layers keep only each layer's input), the rollout KV cache and the sampler's weight copy. The train
-phase and the rollout phase do not overlap, so the peak is the larger of the two.
+layers keep only each layer's input; MoE buffers of the dispatch and expert-parallel exchange the
+config compiles to), FSDP's per-layer gather and unsharded-gradient transients, the rollout KV cache
+and the sampler's weight copy. The train phase and the rollout phase do not overlap, so the peak is the larger of the two.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def moe_bytes(mcfg: ModelConfig, mesh, tokens: int, platform: str) -> float:
     return exchange + expert_bytes(strategy, received, 1, local, room * local / received, d, inner, c)
 
 
-def activation_bytes(cfg, mcfg: ModelConfig, mesh, platform: str = "tpu") -> float:
+def activation_bytes(cfg, mcfg: ModelConfig, mesh, platform: str) -> float:
     """Peak activation bytes per device of one update minibatch (forward + backward).
 
     Per layer: norms, q/k/v/o projections, fp32 attention scores and probabilities over the whole
