@@ -148,6 +148,9 @@ def _real_model(c, preset: str):
     c.model.param_dtype = "float32"
     c.model.rollout_dtype = "bfloat16"
     c.model.moe_dispatch = "ragged"
+    # Dropless expert-parallel blocks are sized for the worst case (every choice on one device): 36.9
+    # GiB per MoE layer for 30B on v5p-64 vs 6.8 GiB at 1.25 (python -m gspo_jax.plan; BUILD_NOTES).
+    c.model.capacity_factor = 1.25
     c.model.remat = True
     c.data.task = ""
     c.data.path = ""  # required: JSONL/Parquet with "prompt" and "answer"

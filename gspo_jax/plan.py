@@ -5,8 +5,9 @@
 
 Per device: parameters, optimizer state and gradients as the sharding rules lay them out (the same
 code the trainer uses, on an AbstractMesh), activations of one update minibatch (rematerialised
-layers keep only each layer's input), the rollout KV cache and the sampler's weight copy. The train
-phase and the rollout phase do not overlap, so the peak is the larger of the two.
+layers keep only each layer's input; MoE buffers of the dispatch and expert-parallel exchange the
+config compiles to), FSDP's per-layer gather and unsharded-gradient transients, the rollout KV cache
+and the sampler's weight copy. The train phase and the rollout phase do not overlap, so the peak is the larger of the two.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from gspo_jax import optim, policy, sharding
+from gspo_jax.models import moe
 from gspo_jax.models.config import ModelConfig
 from gspo_jax.models.hf import abstract_model
 from gspo_jax.update import RolloutBatch, TrainState, UpdateSettings, make_train_fn
@@ -92,26 +94,75 @@ def sequence_shape(cfg) -> tuple[int, int, int]:
     )
 
 
-def activation_bytes(cfg, mcfg: ModelConfig, mesh) -> float:
+def dispatch_strategy(name: str, platform: str, num_tokens: int) -> str:
+    """moe.resolve_dispatch for a planned platform: "auto" is ragged on accelerators; on CPU tiled up
+    to TILED_MAX_TOKENS tokens, else capacity."""
+    if name != "auto":
+        return name
+    if platform != "cpu":
+        return "ragged"
+    return "tiled" if num_tokens <= moe.TILED_MAX_TOKENS else "capacity"
+
+
+def expert_bytes(strategy: str, tokens: int, k: int, experts: int, factor: float, d: int, i: int, c: int) -> float:
+    """Activation bytes of one MoE dispatch over `tokens` rows with k choices among `experts`.
+
+    Each expert row holds its input and output [D] and gate, up, silu(gate) * up [I]. ragged: one row
+    per assignment; dense: every expert on every token; capacity: experts * capacity slots plus the
+    tiled inputs and gathered outputs [k * tokens, D]; tiled differentiates as dropless capacity."""
+    row = (2 * d + 3 * i) * c
+    if strategy == "ragged":
+        return tokens * k * row
+    if strategy == "dense":
+        return experts * tokens * row
+    capacity = moe.expert_capacity(tokens, k, experts, factor if strategy == "capacity" else 0.0)
+    return experts * capacity * row + 2 * tokens * k * d * c
+
+
+def moe_bytes(mcfg: ModelConfig, mesh, tokens: int, platform: str) -> float:
+    """Activation bytes of one MoE layer's dispatch on one device holding `tokens` rows.
+
+    With expert parallelism (mesh.expert > 1, as moe.expert_parallel_dispatch): the send and receive
+    blocks and the outputs going and coming back, [ways * rows, D] each (rows per block: tokens *
+    min(k, E / ways) dropless, (E / ways) * capacity with a capacity factor), the tiled inputs and
+    gathered outputs [k * tokens, D], and the inner dispatch of the received rows over the local
+    experts with capacity_dispatch's room (min(received, ways * capacity or tokens))."""
+    k, e, d, c = mcfg.num_experts_per_tok, mcfg.num_experts, mcfg.hidden_size, jnp.dtype(mcfg.dtype).itemsize
+    inner = _split(mcfg.moe_intermediate_size, mesh.shape["tensor"])
+    factor = float(mcfg.capacity_factor)
+    ways = mesh.shape["expert"]
+    if mcfg.expert_parallel != "auto" or ways == 1:
+        strategy = dispatch_strategy(mcfg.moe_dispatch, platform, tokens)
+        return expert_bytes(strategy, tokens, k, e, factor, d, inner, c)
+    local = e // ways
+    capacity = moe.expert_capacity(tokens, k, e, factor) if factor > 0 else tokens
+    rows = local * capacity if factor > 0 else tokens * min(k, local)
+    received = ways * rows
+    strategy = dispatch_strategy(mcfg.moe_dispatch, platform, tokens * k // ways)
+    room = ways * capacity
+    exchange = 4 * received * d * c + 2 * tokens * k * d * c
+    return exchange + expert_bytes(strategy, received, 1, local, room * local / received, d, inner, c)
+
+
+def activation_bytes(cfg, mcfg: ModelConfig, mesh, platform: str) -> float:
     """Peak activation bytes per device of one update minibatch (forward + backward).
 
     Per layer: norms, q/k/v/o projections, fp32 attention scores and probabilities over the whole
-    [T, T] (no flash attention), router probabilities and the top-k expert buffers. Without remat
-    every layer's internals are kept for the backward pass; with remat only each layer's input is,
-    plus one layer's internals recomputed and their gradients. Logits exist one `logprob_chunk` of
-    time steps at a time."""
+    [T, T] (no flash attention), router probabilities and the MoE dispatch buffers of the strategy
+    the config resolves to on `platform` (moe_bytes). Without remat every layer's internals are kept
+    for the backward pass; with remat only each layer's input is, plus one layer's internals
+    recomputed and their gradients. Logits exist one `logprob_chunk` of time steps at a time."""
     rows, prompt, new = sequence_shape(cfg)
     b = rows / cfg.algo.minibatches / _batch_shards(mesh)
     t = prompt + new - 1
     c = jnp.dtype(mcfg.dtype).itemsize
     tp = mesh.shape["tensor"]
-    d, hd, k = mcfg.hidden_size, mcfg.head_dim, mcfg.num_experts_per_tok
+    d, hd = mcfg.hidden_size, mcfg.head_dim
     heads, kv = _split(mcfg.num_attention_heads, tp), _split(mcfg.num_key_value_heads, tp)
     tokens = b * t
     attention = tokens * c * (4 * d + 2 * (heads + 2 * kv) * hd + heads * hd) + b * heads * t * t * (4 + c)
     if mcfg.num_experts:
-        inner = _split(mcfg.moe_intermediate_size, tp)
-        mlp = tokens * (2 * mcfg.num_experts * 4 + k * c * (2 * d + 3 * inner))
+        mlp = tokens * 2 * mcfg.num_experts * 4 + moe_bytes(mcfg, mesh, math.ceil(tokens), platform)
     else:
         mlp = tokens * c * 3 * _split(mcfg.intermediate_size, tp)
     layer = attention + mlp
@@ -120,6 +171,24 @@ def activation_bytes(cfg, mcfg: ModelConfig, mesh) -> float:
     chunk = min(int(cfg.model.logprob_chunk), t)
     logits = 3 * b * chunk * _split(mcfg.vocab_size, tp) * 4
     return kept + logits + 2 * tokens * d * 4
+
+
+def fsdp_transient_bytes(params) -> int:
+    """FSDP's per-layer transients: the largest layer's weights gathered over `fsdp` for its matmuls
+    plus its gradient at that size before the reduce-scatter (0 without an fsdp axis). A layer is
+    one decoder layer or one top-level leaf (embedding, lm_head)."""
+
+    def gathered(x):
+        mesh, spec = x.sharding.mesh, x.sharding.spec
+        if mesh.shape["fsdp"] == 1:
+            return 0
+        drop = lambda a: tuple(n for n in ((a,) if isinstance(a, str) else a) if n != "fsdp") or None
+        spec = PartitionSpec(*(None if a is None else drop(a) for a in spec))
+        full = NamedSharding(mesh, spec).shard_shape(x.shape)
+        return math.prod(full) * jnp.dtype(x.dtype).itemsize
+
+    groups = [group for name, group in params.items() if name != "layers"] + list(params["layers"].values())
+    return 2 * max(sum(gathered(x) for x in jax.tree.leaves(g)) for g in groups)
 
 
 def kv_cache_bytes(cfg, mcfg: ModelConfig, mesh) -> float:
@@ -158,8 +227,18 @@ def step_flops(cfg, mcfg: ModelConfig, active: int) -> dict[str, float]:
     }
 
 
-def plan(cfg, num_devices: int, accelerator: str | None = None) -> dict:
-    """Everything `python -m gspo_jax.plan` prints, as a dict of numbers (bytes are per device)."""
+def _platform(accelerator: str | None) -> str:
+    if accelerator is None:
+        return jax.default_backend()
+    return "tpu" if accelerator.startswith("tpu") else "gpu"
+
+
+def plan(cfg, num_devices: int, accelerator: str | None = None, platform: str | None = None) -> dict:
+    """Everything `python -m gspo_jax.plan` prints, as a dict of numbers (bytes are per device).
+
+    platform decides what moe_dispatch="auto" resolves to: an accelerator's plan assumes "tpu"/"gpu"
+    (ragged); without one, the current backend (on CPU: the tiled/capacity path `--compile` builds)."""
+    platform = platform or _platform(accelerator)
     mcfg = policy.model_config(cfg)
     mesh = _abstract_mesh(cfg, num_devices)
     state = abstract_state(cfg, mcfg, mesh)
@@ -170,7 +249,8 @@ def plan(cfg, num_devices: int, accelerator: str | None = None) -> dict:
         "params": params,
         "optimizer": _bytes_per_device(state.opt_state) + _bytes_per_device(state.step),
         "gradients": params,
-        "activations": activation_bytes(cfg, mcfg, mesh),
+        "fsdp_transient": fsdp_transient_bytes(state.params),
+        "activations": activation_bytes(cfg, mcfg, mesh, platform),
         "kv_cache": kv_cache_bytes(cfg, mcfg, mesh),
         "rollout_copy": params * rollout_dtype.itemsize / jnp.dtype(mcfg.param_dtype).itemsize,
         "reference": params if cfg.algo.beta > 0 else 0,
@@ -179,7 +259,9 @@ def plan(cfg, num_devices: int, accelerator: str | None = None) -> dict:
     # The update computes new parameters and moments beside the old ones (kept if the step is not
     # finite), so a second copy of the state exists transiently.
     memory["update_transient"] = memory["params"] + memory["optimizer"]
-    memory["train_peak"] = resident + memory["gradients"] + memory["update_transient"] + memory["activations"]
+    memory["train_peak"] = resident + sum(
+        memory[k] for k in ("gradients", "fsdp_transient", "update_transient", "activations")
+    )
     memory["rollout_peak"] = resident + memory["rollout_copy"] + memory["kv_cache"]
     memory["peak"] = max(memory["train_peak"], memory["rollout_peak"])
     out = {
@@ -219,7 +301,7 @@ def fitting_mesh(cfg, num_devices: int, accelerator: str) -> dict:
             trial = cfg.copy_and_resolve_references()
             trial.mesh.update(axes)
             try:
-                peak = plan(trial, devices)["bytes_per_device"]["peak"]
+                peak = plan(trial, devices, platform=_platform(accelerator))["bytes_per_device"]["peak"]
             except ValueError:  # a dimension this mesh cannot split
                 continue
             if best is None or peak < best[0]:
@@ -276,7 +358,10 @@ def format_plan(p: dict) -> str:
         f"model {p['model']}: {p['params_total']:,} parameters, {p['params_active']:,} active per token",
         f"mesh {p['mesh']} on {p['num_devices']} devices; batch {p['batch']}",
         "per device:",
-        *(f"  {name:<17}{gb(m[name])}" for name in ("params", "optimizer", "gradients", "update_transient")),
+        *(
+            f"  {name:<17}{gb(m[name])}"
+            for name in ("params", "optimizer", "gradients", "fsdp_transient", "update_transient")
+        ),
         f"  {'activations':<17}{gb(m['activations'])}",
         *(f"  {name:<17}{gb(m[name])}" for name in ("kv_cache", "rollout_copy", "reference")),
         f"  train peak   {gb(m['train_peak'])}   rollout peak {gb(m['rollout_peak'])}",

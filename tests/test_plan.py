@@ -45,6 +45,24 @@ def test_state_bytes_of_the_30b_preset_on_64_chips():
     assert got["kv_cache"] == pytest.approx(64 * 16 / 64 * kv)  # 1024 rows over 64 batch shards
 
 
+@pytest.mark.parametrize("factor", [0.0, 1.25])
+def test_expert_parallel_buffers_of_the_30b_preset(factor):
+    """moe_bytes on 8 x 8 chips (expert=8) against the all-to-all blocks written out by hand."""
+    cfg = get_config("qwen3_30b_a3b")
+    cfg.model.capacity_factor = factor
+    m = run_model_config(cfg)
+    d, i, k, c = 2048, 768, 8, 2  # hidden, expert width, top-k, bf16
+    tokens = 4 * 5119  # 1024 rows / 4 minibatches / 64 shards, 1024 + 4096 - 1 positions
+    if factor:  # each of a device's 16 experts gets ceil(1.25 * tokens * 8 / 128) slots per sender
+        received = 8 * 16 * -(-(5 * tokens * k) // (4 * 128))
+    else:  # a token's 8 choices can all land on one device's 16 experts
+        received = 8 * tokens * 8
+    exchange = 4 * received * d * c + 2 * tokens * k * d * c  # send, receive, outputs there and back
+    experts = received * (2 * d + 3 * i) * c  # ragged over the received rows (top-1)
+    mesh = plan._abstract_mesh(cfg, 64)
+    assert plan.moe_bytes(m, mesh, tokens, "tpu") == exchange + experts
+
+
 @pytest.fixture
 def wide_preset():
     """A small model whose expert weights dominate its memory, as in the real MoE presets."""
@@ -55,24 +73,26 @@ def wide_preset():
     del model_config.PRESETS["wide"]
 
 
-def test_prediction_beside_xla_memory_analysis(wide_preset):
-    for mesh, check_peak in (({"mesh.fsdp": 2, "mesh.expert": 4}, True), ({"mesh.fsdp": 8}, False)):
-        cfg = micro.override(
-            micro.get_config(),
-            **{"mesh.num_devices": 8, "mesh.data": 1, "mesh.fsdp": 1, "mesh.expert": 1, **mesh},
-            **{
-                "model.preset": wide_preset,
-                "rollout.prompts_per_step": 8,
-                "rollout.group_size": 2,
-                "data.max_prompt_len": 16,
-            },
-        )
-        predicted = plan.plan(cfg, 8)["bytes_per_device"]
-        xla = plan.compiled_memory(cfg)
-        # The compiled step's arguments are the train state (plus a few kB of batch).
-        assert xla["arguments"] == pytest.approx(predicted["params"] + predicted["optimizer"], rel=0.15)
-        if check_peak:
-            assert xla["peak"] == pytest.approx(predicted["train_peak"], rel=0.15)
+@pytest.mark.parametrize("mesh", [{"mesh.fsdp": 2, "mesh.expert": 4}, {"mesh.fsdp": 8}])
+def test_prediction_beside_xla_memory_analysis(wide_preset, mesh):
+    """Explicit expert parallelism (its all-to-all buffers) and FSDP (gathered weights, full-size
+    gradients before the reduce-scatter); ragged is the accelerator path, compiled here on CPU."""
+    cfg = micro.override(
+        micro.get_config(),
+        **{"mesh.num_devices": 8, "mesh.data": 1, "mesh.fsdp": 1, "mesh.expert": 1, **mesh},
+        **{
+            "model.preset": wide_preset,
+            "model.moe_dispatch": "ragged",
+            "rollout.prompts_per_step": 8,
+            "rollout.group_size": 2,
+            "data.max_prompt_len": 16,
+        },
+    )
+    predicted = plan.plan(cfg, 8)["bytes_per_device"]
+    xla = plan.compiled_memory(cfg)
+    # The compiled step's arguments are the train state (plus a few kB of batch).
+    assert xla["arguments"] == pytest.approx(predicted["params"] + predicted["optimizer"], rel=0.15)
+    assert xla["peak"] == pytest.approx(predicted["train_peak"], rel=0.15)
 
 
 def test_cli_prints_and_writes_json(tmp_path):
