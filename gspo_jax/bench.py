@@ -15,6 +15,8 @@ machine's streaming bandwidth (measured here: a jitted sum over a 1 GiB array): 
 counts the experts the routing actually chose at each step plus every non-expert weight, and
 "of bound" is (weights bytes / bandwidth) / step time.
 
+RL-step, MoE dispatch and sweep benchmarks (--what=rl_step|dispatch|sweep): gspo_jax/bench_rl.py.
+
 New benchmarks register a function in BENCHMARKS that returns a list of result rows (dicts).
 """
 
@@ -33,6 +35,7 @@ from absl import app, flags
 from flax import nnx
 
 import gspo_jax
+from gspo_jax import bench_rl
 from gspo_jax.sampler import Sampler
 
 
@@ -40,7 +43,7 @@ def define_flags() -> None:
     """Defines this CLI's flags (at run time, so the CLI modules can be imported together)."""
     if "batch_sizes" in flags.FLAGS:
         return
-    flags.DEFINE_enum("what", "decode", ["decode"], "Which benchmark to run.")
+    flags.DEFINE_enum("what", "decode", ["decode", *bench_rl.BENCHMARKS], "Which benchmark to run.")
     flags.DEFINE_list("batch_sizes", ["8", "64"], "Prompts per batch.")
     flags.DEFINE_integer("max_new_tokens", 128, "Tokens generated per prompt.")
     flags.DEFINE_integer("prompt_len", 32, "Prompt length in tokens (all prompts equal length).")
@@ -52,6 +55,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("rounds", 3, "Timed repetitions per configuration (the best is reported).")
     flags.DEFINE_bool("transformers", True, "Also time transformers' generate on the same weights.")
     flags.DEFINE_string("json_out", "", "Write the result rows and machine facts to this JSON file.")
+    flags.DEFINE_alias("json", "json_out")
+    bench_rl.define_flags()
 
 
 # Qwen3-MoE shaped, ~106M parameters.
@@ -253,7 +258,7 @@ def run_decode() -> list[dict]:
     return [row for batch_rows in rows.values() for row in batch_rows]
 
 
-BENCHMARKS: dict[str, Callable[[], list[dict]]] = {"decode": run_decode}
+BENCHMARKS: dict[str, Callable[[], list[dict]]] = {"decode": run_decode, **bench_rl.BENCHMARKS}
 
 COLUMNS = (
     ("impl", "{}"),
@@ -272,11 +277,11 @@ COLUMNS = (
 )
 
 
-def format_table(rows: list[dict]) -> str:
-    cells = [[name for name, _ in COLUMNS]]
+def format_table(rows: list[dict], columns=COLUMNS) -> str:
+    cells = [[name for name, _ in columns]]
     for row in rows:
-        cells.append(["-" if row.get(name) is None else fmt.format(row[name]) for name, fmt in COLUMNS])
-    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+        cells.append(["-" if row.get(name) is None else fmt.format(row[name]) for name, fmt in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells)
 
 
@@ -291,7 +296,7 @@ def main(argv):
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
     }
-    print(format_table(rows))
+    print(format_table(rows, bench_rl.COLUMNS.get(flags.FLAGS.what, COLUMNS)))
     print(json.dumps(facts))
     if flags.FLAGS.json_out:
         with open(flags.FLAGS.json_out, "w") as f:
