@@ -302,7 +302,10 @@ def plot_sweep(rows: list[dict], path: str) -> None:
         ax.set_xlabel("max completion tokens")
         ax.set_ylabel(label)
         ax.legend()
-    fig.suptitle("gspo_jax RL step, small model, 8 prompts, 1 update per rollout")
+    if ok:
+        fig.suptitle(
+            f"gspo_jax RL step, {ok[0]['shape']} model, {ok[0]['prompts']} prompts, 1 update per rollout"
+        )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
