@@ -22,6 +22,8 @@ counts the experts the routing actually chose at each step plus every non-expert
 of decoder layers, from abstract inputs; reports seconds to lower and to compile (wall), CPU seconds of
 both (all threads), and the size of the lowered StableHLO and of the optimised HLO text. Scanned layers keep all four flat in depth.
 
+RL-step, MoE dispatch and sweep benchmarks (--what=rl_step|dispatch|sweep): gspo_jax/bench_rl.py.
+
 New benchmarks register a function in BENCHMARKS that returns a list of result rows (dicts).
 """
 
@@ -40,6 +42,7 @@ from absl import app, flags
 from flax import nnx
 
 import gspo_jax
+from gspo_jax import bench_rl
 from gspo_jax.sampler import Sampler
 
 
@@ -47,7 +50,9 @@ def define_flags() -> None:
     """Defines this CLI's flags (at run time, so the CLI modules can be imported together)."""
     if "batch_sizes" in flags.FLAGS:
         return
-    flags.DEFINE_enum("what", "decode", ["decode", "compile"], "Which benchmark to run.")
+    flags.DEFINE_enum(
+        "what", "decode", ["decode", "compile", *bench_rl.BENCHMARKS], "Which benchmark to run."
+    )
     flags.DEFINE_list("batch_sizes", ["8", "64"], "Prompts per batch.")
     flags.DEFINE_integer("max_new_tokens", 128, "Tokens generated per prompt.")
     flags.DEFINE_integer("prompt_len", 32, "Prompt length in tokens (all prompts equal length).")
@@ -61,6 +66,8 @@ def define_flags() -> None:
     flags.DEFINE_list("depths", ["2", "8", "32"], "compile: decoder depths to compile the train step at.")
     flags.DEFINE_bool("remat", False, "compile: rematerialise decoder layers.")
     flags.DEFINE_string("json_out", "", "Write the result rows and machine facts to this JSON file.")
+    flags.DEFINE_alias("json", "json_out")
+    bench_rl.define_flags()
 
 
 # Qwen3-MoE shaped, ~106M parameters.
@@ -301,7 +308,11 @@ def run_compile() -> list[dict]:
     return rows
 
 
-BENCHMARKS: dict[str, Callable[[], list[dict]]] = {"decode": run_decode, "compile": run_compile}
+BENCHMARKS: dict[str, Callable[[], list[dict]]] = {
+    "decode": run_decode,
+    "compile": run_compile,
+    **bench_rl.BENCHMARKS,
+}
 
 COLUMNS = (
     ("impl", "{}"),
@@ -350,7 +361,8 @@ def main(argv):
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
     }
-    print(format_table(rows, COMPILE_COLUMNS if flags.FLAGS.what == "compile" else COLUMNS))
+    columns = {"compile": COMPILE_COLUMNS, **bench_rl.COLUMNS}.get(flags.FLAGS.what, COLUMNS)
+    print(format_table(rows, columns))
     print(json.dumps(facts))
     if flags.FLAGS.json_out:
         with open(flags.FLAGS.json_out, "w") as f:

@@ -1,0 +1,339 @@
+"""RL-step benchmarks (issue 11): whole GSPO steps through the library's RLStep, MoE dispatch timing, and
+a completion-length x group-size sweep.
+
+  python -m gspo_jax.bench --what=rl_step --shape=small|medium [--steps=N] [--json=F]
+  python -m gspo_jax.bench --what=dispatch [--shape=medium]
+  python -m gspo_jax.bench --what=sweep [--sweep_lengths=128,512,2048] [--sweep_groups=2,4,8] [--steps=2]
+
+`rl_step` builds a random Qwen3-MoE of the shape (SHAPES: 4 heads x 64, 2 KV heads, top-2 experts,
+vocab 64 = the built-in char tokenizer) and runs real steps on sort-digit prompts (~14 tokens, bucket
+16) with the partial-credit reward, once per update setting (--rl_settings): `sampler1` = one update
+per rollout on the sampler's log-probs (algo.minibatches=1, old_logprobs=sampler; the setting the
+peers were measured at) and `trainer4` = the default 4 minibatch updates with an extra old-policy
+forward. Each setting runs in a fresh subprocess so `peak_rss_gb` (ru_maxrss) is its own. The first
+step compiles; `rl_step_s` and its parts are medians of the --steps steps after it. Parts: rollout,
+reward and update from the step's time/* metrics, with the old-policy scoring timed apart (it is
+inside time/update_s there) and subtracted from the update.
+
+`update_mfu` = useful update FLOPs / update time / the f32 matmul peak measured in the same process
+(a jitted 2048^3 matmul, best of 3). Useful FLOPs (forward, x3 for forward + backward), per valid
+(non-pad) token of prompt + completion: 2 x (q, k, v, o, router and top-k experts' gate/up/down
+weights) per layer; 2 x the LM head only at completion tokens (the only positions whose log-prob is
+used); causal attention 2 x 2 x heads x head_dim x (i + 1) for the token at position i (QK^T and AV).
+Padding, the dispatch's dropless buffers and anything recomputed are not useful work.
+
+`dispatch` times forward + backward of one MoE block (router + experts) per strategy on the tokens of
+one update at the shape (medium: 16 x 4 rows of 16 + 128 = 9216 tokens), best of --rounds after the
+compiling call (dense and dropless capacity do E/k = 8x the routed work there: ~1 min per call here). `sweep` runs rl_step
+(sampler1) on the small model for each completion length and group size (8 prompts) and writes
+rl_sweep.png and, with --json, the rows; the default is 2 timed steps each (~minutes per point at
+2048 tokens on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from flax import nnx
+
+# hidden, layers, experts, expert width; prompts x group, completion tokens, timed steps by default.
+SHAPES = {
+    "tiny": dict(hidden=64, layers=2, experts=4, expert_width=64, prompts=2, group=2, new_tokens=8, steps=1),
+    "small": dict(
+        hidden=256, layers=4, experts=8, expert_width=256, prompts=8, group=4, new_tokens=32, steps=5
+    ),
+    "medium": dict(
+        hidden=512, layers=8, experts=16, expert_width=512, prompts=16, group=4, new_tokens=128, steps=2
+    ),
+}
+RL_SETTINGS = {"sampler1": (1, "sampler"), "trainer4": (4, "trainer")}
+PROMPT_BUCKET = 16  # sort-digit prompts are ~14 tokens; the data buckets pad them to 16
+
+
+def define_flags() -> None:
+    flags.DEFINE_enum("shape", None, list(SHAPES), "Model/batch shape (rl_step: small, dispatch: medium).")
+    flags.DEFINE_integer("steps", 0, "Timed RL steps after the compiling one; 0 = the shape's default.")
+    flags.DEFINE_list("rl_settings", list(RL_SETTINGS), "Update settings: sampler1 and/or trainer4.")
+    flags.DEFINE_list("sweep_lengths", ["128", "512", "2048"], "Sweep: completion lengths.")
+    flags.DEFINE_list("sweep_groups", ["2", "4", "8"], "Sweep: group sizes.")
+    flags.DEFINE_string("plot_out", "rl_sweep.png", "Sweep: where to write the plot.")
+
+
+def model_config(shape: dict, moe_dispatch: str = "auto"):
+    from gspo_jax.models.config import PRESETS
+
+    return PRESETS["tiny"].replace(
+        hidden_size=shape["hidden"],
+        num_hidden_layers=shape["layers"],
+        num_experts=shape["experts"],
+        moe_intermediate_size=shape["expert_width"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_experts_per_tok=2,
+        moe_dispatch=moe_dispatch,
+    )
+
+
+def run_config(shape: dict, setting: str, steps: int):
+    """The run config of the tiny preset with the bench's batch, update setting and one device."""
+    from configs.qwen_moe import get_config
+
+    minibatches, old_logprobs = RL_SETTINGS[setting]
+    cfg = get_config("tiny")
+    cfg.steps = steps + 1
+    cfg.rollout.prompts_per_step = shape["prompts"]
+    cfg.rollout.group_size = shape["group"]
+    cfg.rollout.max_new_tokens = shape["new_tokens"]
+    cfg.algo.minibatches = minibatches
+    cfg.algo.old_logprobs = old_logprobs
+    cfg.data.train_size = max(256, shape["prompts"] * (steps + 1))
+    cfg.eval.every = 0
+    cfg.warmstart.steps = 0
+    cfg.mesh.num_devices = 1
+    return cfg
+
+
+def matmul_peak_gflops(n: int = 2048, rounds: int = 3) -> float:
+    """f32 GFLOP/s of a jitted n^3 matmul, best of `rounds`."""
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda a: a @ a)
+    mm(a).block_until_ready()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        mm(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def update_flops(mcfg, prompt_lens_b, completion_lens_b) -> float:
+    """Useful FLOPs of one forward + backward over rows of prompt/completion lengths (module docstring)."""
+    d, heads, kv, hd = mcfg.hidden_size, mcfg.num_attention_heads, mcfg.num_key_value_heads, mcfg.head_dim
+    per_layer = d * heads * hd * 2 + d * kv * hd * 2 + d * mcfg.num_experts
+    per_layer += mcfg.num_experts_per_tok * 3 * d * mcfg.moe_intermediate_size
+    seq = np.asarray(prompt_lens_b, np.float64) + np.asarray(completion_lens_b, np.float64)
+    tokens = seq.sum()
+    forward = 2 * per_layer * mcfg.num_hidden_layers * tokens
+    forward += 2 * d * mcfg.vocab_size * np.sum(completion_lens_b)
+    # sum over positions i < S of (i + 1) = S (S + 1) / 2, times 2 matmuls x 2 FLOPs x heads x head_dim.
+    forward += mcfg.num_hidden_layers * 4 * heads * hd * np.sum(seq * (seq + 1) / 2)
+    return 3 * float(forward)
+
+
+class _Timed:
+    """Wraps a jitted phase: blocks on its result and adds the wall time to `seconds`."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds = fn, 0.0
+
+    def __call__(self, *args):
+        start = time.perf_counter()
+        out = jax.block_until_ready(self.fn(*args))
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def measure_rl_step(shape_name: str, setting: str, steps: int) -> dict:
+    """Runs 1 + `steps` RL steps in this process; returns the result row (module docstring)."""
+    from gspo_jax import sharding
+    from gspo_jax.data import make_prompt_dataset
+    from gspo_jax.models.hf import abstract_model
+    from gspo_jax.policy import Policy, init_params, init_train_state
+    from gspo_jax.rewards import RewardSet
+    from gspo_jax.rl_step import RLStep
+    from gspo_jax.tokenizer import eos_token_ids, load_tokenizer
+
+    shape = SHAPES[shape_name]
+    peak = matmul_peak_gflops()
+    cfg = run_config(shape, setting, steps)
+    mesh = sharding.make_mesh(cfg.mesh)
+    mcfg = model_config(shape)
+    graphdef, abstract = abstract_model(mcfg)
+    params = init_params(mcfg, sharding.param_shardings(abstract, mesh, {}), cfg.seed)
+    policy = Policy(mcfg, graphdef, params)
+    tokenizer = load_tokenizer(None)
+    data = make_prompt_dataset(cfg.data, tokenizer, prompts_per_step=shape["prompts"], seed=cfg.seed)
+    rl = RLStep(
+        cfg, policy, mesh, tokenizer, RewardSet.from_reward_config(cfg.reward), eos_token_ids(tokenizer)
+    )
+    rl.score_fn = _Timed(rl.score_fn)
+    state = init_train_state(rl.optimizer, policy.params)
+    rows = []
+    for step in range(steps + 1):
+        batch = next(data)
+        rl.score_fn.seconds = 0.0
+        start = time.perf_counter()
+        state, result = rl(state, batch, None, jax.random.key(step))
+        jax.block_until_ready(state)
+        m = result.metrics
+        prompt_lens = np.repeat(batch.prompt_mask.sum(axis=1), shape["group"])
+        rows.append(
+            {
+                "rl_step_s": time.perf_counter() - start,
+                "rollout_s": m["time/rollout_s"],
+                "reward_s": m["time/reward_s"],
+                "old_policy_s": rl.score_fn.seconds,
+                "update_s": m["time/update_s"] - rl.score_fn.seconds,
+                "generated": float(result.scored.lengths.sum()),
+                "update_tokens": float(prompt_lens.sum() + result.scored.lengths.sum()),
+                "update_flops": update_flops(mcfg, prompt_lens, result.scored.lengths),
+            }
+        )
+    first, timed = rows[0], rows[1:]
+
+    def total(key):
+        return sum(r[key] for r in timed)
+
+    median = {k: float(np.median([r[k] for r in timed])) for k in first if k.endswith("_s")}
+    return {
+        "shape": shape_name,
+        "setting": setting,
+        "minibatches": cfg.algo.minibatches,
+        "old_logprobs": cfg.algo.old_logprobs,
+        "prompts": shape["prompts"],
+        "group": shape["group"],
+        "max_new_tokens": shape["new_tokens"],
+        "params_m": sum(x.size for x in jax.tree.leaves(params)) / 1e6,
+        "steps": steps,
+        **median,
+        "first_step_s": first["rl_step_s"],
+        "gen_tokens_per_s": total("generated") / total("rollout_s"),
+        "update_tokens_per_s": total("update_tokens") / total("update_s"),
+        "update_gflops_per_step": total("update_flops") / len(timed) / 1e9,
+        "update_mfu": total("update_flops") / total("update_s") / (peak * 1e9),
+        "matmul_peak_gflops": peak,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
+def in_subprocess(shape_name: str, setting: str, steps: int, **shape_changes) -> dict:
+    """measure_rl_step in a fresh Python process (its own peak RSS); shape_changes override SHAPES fields."""
+    spec = json.dumps(dict(shape=shape_name, setting=setting, steps=steps, changes=shape_changes))
+    proc = subprocess.run(
+        [sys.executable, "-m", "gspo_jax.bench_rl", spec],
+        check=False,  # a failed child becomes an "error" row; the other settings still run
+        capture_output=True,
+        text=True,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        return {
+            "shape": shape_name,
+            "setting": setting,
+            "error": f"rc={proc.returncode}: {proc.stderr[-2000:]}",
+        }
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def run_rl_step() -> list[dict]:
+    f = flags.FLAGS
+    shape = f.shape or "small"
+    steps = f.steps or SHAPES[shape]["steps"]
+    return [in_subprocess(shape, setting, steps) for setting in f.rl_settings]
+
+
+def run_dispatch() -> list[dict]:
+    """Forward + backward of one MoE block per dispatch strategy, on one update's tokens at the shape."""
+    from gspo_jax.models.moe import DISPATCH_STRATEGIES, MoeBlock
+
+    shape = SHAPES[flags.FLAGS.shape or "medium"]
+    rows_b, width = shape["prompts"] * shape["group"], PROMPT_BUCKET + shape["new_tokens"]
+    x = jax.random.normal(jax.random.key(0), (rows_b, width, shape["hidden"]), jnp.float32)
+    valid = jnp.ones((rows_b, width), jnp.int32)
+    results = []
+    for name in DISPATCH_STRATEGIES:
+        graphdef, params = nnx.split(MoeBlock(model_config(shape, name), rngs=nnx.Rngs(0)))
+
+        def loss(params, x, graphdef=graphdef):
+            y, _ = nnx.merge(graphdef, params)(x, valid)
+            return jnp.sum(y * y)
+
+        step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        start = time.perf_counter()
+        jax.block_until_ready(step(params, x))
+        first_s = time.perf_counter() - start  # compilation + one call
+        times = []
+        for _ in range(flags.FLAGS.rounds):
+            start = time.perf_counter()
+            jax.block_until_ready(step(params, x))
+            times.append(time.perf_counter() - start)
+        results.append(
+            {"dispatch": name, "tokens": rows_b * width, "fwd_bwd_s": min(times), "first_call_s": first_s}
+        )
+    return results
+
+
+def run_sweep() -> list[dict]:
+    f = flags.FLAGS
+    steps = f.steps or 2
+    rows = [
+        in_subprocess(f.shape or "small", "sampler1", steps, new_tokens=int(n), group=int(g))
+        for n in f.sweep_lengths
+        for g in f.sweep_groups
+    ]
+    plot_sweep(rows, f.plot_out)
+    return rows
+
+
+def plot_sweep(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    ok = [r for r in rows if "error" not in r]
+    for group in sorted({r["group"] for r in ok}):
+        mine = sorted((r for r in ok if r["group"] == group), key=lambda r: r["max_new_tokens"])
+        lengths = [r["max_new_tokens"] for r in mine]
+        axes[0].plot(lengths, [r["rl_step_s"] for r in mine], marker="o", label=f"G={group}")
+        axes[1].plot(lengths, [r["update_mfu"] for r in mine], marker="o", label=f"G={group}")
+    for ax, label in zip(axes, ("RL step [s] (median)", "update MFU")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("max completion tokens")
+        ax.set_ylabel(label)
+        ax.legend()
+    if ok:
+        fig.suptitle(
+            f"gspo_jax RL step, {ok[0]['shape']} model, {ok[0]['prompts']} prompts, 1 update per rollout"
+        )
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _columns(names: str) -> list[tuple[str, str]]:
+    """(name, format) pairs for bench.format_table."""
+    fmt = {"per_s": "{:.0f}", "_s": "{:.3f}", "mfu": "{:.3f}", "_gb": "{:.2f}"}
+    return [(n, next((v for k, v in fmt.items() if n.endswith(k)), "{}")) for n in names.split()]
+
+
+COLUMNS = {
+    "rl_step": _columns(
+        "shape setting rl_step_s rollout_s reward_s old_policy_s update_s gen_tokens_per_s "
+        "update_tokens_per_s update_mfu peak_rss_gb first_step_s error"
+    ),
+    "sweep": _columns("max_new_tokens group rl_step_s rollout_s update_s update_mfu peak_rss_gb error"),
+    "dispatch": _columns("dispatch tokens fwd_bwd_s first_call_s"),
+}
+BENCHMARKS = {"rl_step": run_rl_step, "dispatch": run_dispatch, "sweep": run_sweep}
+
+
+def main(spec: str) -> None:
+    """Child process entry: one measure_rl_step, printed as a RESULT line."""
+    args = json.loads(spec)
+    SHAPES[args["shape"]] = SHAPES[args["shape"]] | args["changes"]
+    print("RESULT " + json.dumps(measure_rl_step(args["shape"], args["setting"], args["steps"])), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
