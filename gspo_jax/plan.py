@@ -176,7 +176,7 @@ def activation_bytes(cfg, mcfg: ModelConfig, mesh, platform: str) -> float:
 def fsdp_transient_bytes(params) -> int:
     """FSDP's per-layer transients: the largest layer's weights gathered over `fsdp` for its matmuls
     plus its gradient at that size before the reduce-scatter (0 without an fsdp axis). A layer is
-    one decoder layer or one top-level leaf (embedding, lm_head)."""
+    one decoder layer (a slice of its run's stack) or one top-level leaf (embedding, lm_head)."""
 
     def gathered(x):
         mesh, spec = x.sharding.mesh, x.sharding.spec
@@ -187,8 +187,10 @@ def fsdp_transient_bytes(params) -> int:
         full = NamedSharding(mesh, spec).shard_shape(x.shape)
         return math.prod(full) * jnp.dtype(x.dtype).itemsize
 
-    groups = [group for name, group in params.items() if name != "layers"] + list(params["layers"].values())
-    return 2 * max(sum(gathered(x) for x in jax.tree.leaves(g)) for g in groups)
+    top = [sum(gathered(x) for x in jax.tree.leaves(g)) for name, g in params.items() if name != "layers"]
+    # A run of scanned layers is stacked on a leading axis; the scan gathers one layer's slice at a time.
+    layer = [sum(gathered(x) / x.shape[0] for x in jax.tree.leaves(run)) for run in params["layers"].values()]
+    return 2 * max(top + layer)
 
 
 def kv_cache_bytes(cfg, mcfg: ModelConfig, mesh) -> float:

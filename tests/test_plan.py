@@ -45,6 +45,20 @@ def test_state_bytes_of_the_30b_preset_on_64_chips():
     assert got["kv_cache"] == pytest.approx(64 * 16 / 64 * kv)  # 1024 rows over 64 batch shards
 
 
+def test_fsdp_transient_is_one_layer_gathered_not_the_whole_stack():
+    """Scanned layers are stacked [L, ...]: the transient is one layer's weights (plus its gradient)
+    un-split over fsdp, as the scan gathers a slice per step, not all L layers at once."""
+    cfg = get_config("qwen3_30b_a3b")
+    m = run_model_config(cfg).replace(vocab_size=64)  # a small vocabulary: a decoder layer is the largest
+    mesh = plan._abstract_mesh(cfg, 64)  # fsdp=8 x expert=8
+    state = plan.abstract_state(cfg, m, mesh)
+    d, heads, kv, hd = m.hidden_size, m.num_attention_heads, m.num_key_value_heads, m.head_dim
+    attention = d * (heads + 2 * kv) * hd + heads * hd * d + 2 * hd  # q, k, v, o and the q/k norms
+    experts = 3 * (m.num_experts // 8) * d * m.moe_intermediate_size  # this device's experts, D whole
+    layer = attention + d * m.num_experts + experts + 2 * d  # + router and the two layer norms
+    assert plan.fsdp_transient_bytes(state.params) == pytest.approx(2 * 4 * layer, rel=1e-6)
+
+
 @pytest.mark.parametrize("factor", [0.0, 1.25])
 def test_expert_parallel_buffers_of_the_30b_preset(factor):
     """moe_bytes on 8 x 8 chips (expert=8) against the all-to-all blocks written out by hand."""
