@@ -318,8 +318,7 @@ def abstract_rollout_batch(mesh, rows: int, prompt_len: int, width: int):
     """A RolloutBatch of ShapeDtypeStructs, rows split over the batch axes like the trainer's."""
 
     def rowwise(shape, dtype):
-        spec = PartitionSpec(sharding.BATCH_AXES, *([None] * (len(shape) - 1)))
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
 
     per_token = rowwise((rows, width), jnp.float32)
     return RolloutBatch(

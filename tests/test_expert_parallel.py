@@ -14,11 +14,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from test_moe import numpy_moe
 
-from gspo_jax import sharding
+from gspo_jax import plan, sharding
 from gspo_jax.models import moe
 from gspo_jax.models.config import ModelConfig
 from gspo_jax.models.hf import abstract_model
-from gspo_jax.update import RolloutBatch, TrainState, UpdateSettings, make_train_fn
+from gspo_jax.update import TrainState, UpdateSettings, make_train_fn
 
 E, K, D, I = 8, 2, 16, 12
 B, T = 8, 5
@@ -184,18 +184,7 @@ def compiled_train_step(mesh, model_cfg=MODEL, rows=16, prompt=6, new=4):
     )
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
 
-    def row(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
-
-    batch = RolloutBatch(
-        tokens=row((rows, prompt + new), jnp.int32),
-        valid=row((rows, prompt + new), jnp.bool_),
-        completion_mask=row((rows, new), jnp.float32),
-        advantages=row((rows,), jnp.float32),
-        old_logp=row((rows, new), jnp.float32),
-        sampler_logp=row((rows, new), jnp.float32),
-        ref_logp=row((rows, new), jnp.float32),
-    )
+    batch = plan.abstract_rollout_batch(mesh, rows, prompt, new)
     settings = UpdateSettings(
         level="sequence",
         eps_low=3e-4,
