@@ -9,7 +9,7 @@ agree exactly when nothing is dropped:
   tiled     a loop over the chosen experts only, each one's weights sliced once and its assignments
             (sorted by expert) run in row tiles, so an expert no token chose is never read (dropless;
             the CPU decode path, where reading weights dominates);
-  auto      ragged off CPU; on CPU tiled up to TILED_MAX_TOKENS tokens (decode, prefill), else capacity.
+  auto      ragged off CPU, tiled on CPU (decode, prefill and training: measured fastest there).
 
 Expert parallelism (`expert_parallel_dispatch`, on by default wherever it applies): when the mesh
 context (sharding.use_mesh) splits the experts over a mesh axis of size > 1 and the batch rows over
@@ -159,11 +159,6 @@ def ragged_dispatch(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_ei
     return y, jnp.zeros((), jnp.float32)
 
 
-# "auto" on CPU uses tiled for calls of up to this many tokens: measured 3-5x faster than dropless
-# capacity from 256 to 8192 tokens (decode steps are faster still); larger calls are untested.
-TILED_MAX_TOKENS = 1 << 16
-
-
 def tile_rows(num_assignments: int, num_experts: int) -> int:
     """Rows per tile: the power of two at or above the mean assignments per expert, in [4, 256]."""
     mean = max(1, -(-num_assignments // num_experts))
@@ -218,25 +213,160 @@ def _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid
     return jax.lax.fori_loop(0, jnp.sum(sizes_e > 0), one_expert, jnp.zeros_like(x_td))
 
 
+def training_tile_rows(num_assignments: int, num_experts: int) -> int:
+    """Rows per tile of the differentiated tiled dispatch: the power of two at or below a quarter of
+    the mean assignments per expert, in [16, 256]. Each expert's run is padded to whole tiles, so
+    about experts * tile / 2 rows are padding: a quarter of the mean keeps that near 1/8 of the work."""
+    quarter = max(1, num_assignments // (4 * num_experts))
+    return min(256, max(16, 1 << (quarter.bit_length() - 1)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TileLayout:
+    """Assignments sorted by expert into row tiles, each expert's run padded to whole tiles.
+
+    R = tiles * tile rows. token_r [R]: the token a row reads (0 on padding); assignment_r [R]: its
+    assignment a = t * k + j (A on padding); expert_n [tiles]: the expert of each tile; used: how many
+    tiles hold assignments (the rest are never computed).
+    """
+
+    token_r: jax.Array
+    assignment_r: jax.Array
+    expert_n: jax.Array
+    used: jax.Array
+
+
+def tile_layout(ids_tk, valid_t, num_experts: int, tile: int) -> TileLayout:
+    """The TileLayout of the valid tokens' assignments (padding tokens take no rows)."""
+    t, k = ids_tk.shape
+    num_assignments = t * k
+    tiles = -(-num_assignments // tile) + num_experts  # padding adds less than one tile per expert
+    key_a = jnp.where(jnp.repeat(valid_t, k), ids_tk.reshape(-1), num_experts)
+    sizes_e = jnp.bincount(key_a, length=num_experts + 1)[:num_experts]
+    tiles_e = -(-sizes_e // tile)
+    tile_end_e = jnp.cumsum(tiles_e)
+    order_a = jnp.argsort(key_a, stable=True)
+    sorted_key = key_a[order_a]
+    run_start = jnp.concatenate([jnp.zeros(1, sizes_e.dtype), jnp.cumsum(sizes_e)])[sorted_key]
+    first_row = jnp.concatenate([jnp.zeros(1, tiles_e.dtype), tile_end_e * tile])[sorted_key]
+    row_sorted = jnp.where(
+        sorted_key < num_experts, first_row + jnp.arange(num_assignments) - run_start, tiles * tile
+    )
+    assignment_r = jnp.full(tiles * tile, num_assignments, jnp.int32).at[row_sorted].set(
+        order_a.astype(jnp.int32), mode="drop"
+    )
+    expert_n = jnp.minimum(jnp.searchsorted(tile_end_e, jnp.arange(tiles), side="right"), num_experts - 1)
+    return TileLayout(
+        token_r=jnp.minimum(assignment_r, num_assignments - 1) // k,
+        assignment_r=assignment_r,
+        expert_n=expert_n.astype(jnp.int32),
+        used=tile_end_e[-1],
+    )
+
+
+def _tile_weights(gate_edi, up_edi, down_eid, expert, dtype):
+    return tuple(expert_weight(w, expert, dtype) for w in (gate_edi, up_edi, down_eid))
+
+
+def _tiled_train_forward(x_td, weights_tk, gate_edi, up_edi, down_eid, layout: TileLayout, tile: int):
+    """(y [T, D], gate and up pre-activations [R, I] of every row) over the used tiles only."""
+    num_assignments = weights_tk.size
+    live_r = layout.assignment_r < num_assignments
+    x_r = x_td[layout.token_r]
+    w_r = jnp.where(live_r, weights_tk.reshape(-1)[jnp.minimum(layout.assignment_r, num_assignments - 1)], 0)
+    inner = gate_edi.shape[-1]
+
+    def one_tile(n, carry):
+        y_r, g_r, u_r = carry
+        gate, up, down = _tile_weights(gate_edi, up_edi, down_eid, layout.expert_n[n], x_td.dtype)
+        x = jax.lax.dynamic_slice_in_dim(x_r, n * tile, tile)
+        g, u = x @ gate, x @ up
+        put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, n * tile, 0)
+        return put(y_r, (jax.nn.silu(g) * u) @ down), put(g_r, g), put(u_r, u)
+
+    # Carries are zeros "like" the rows: under shard_map they then vary over the rows' mesh axes.
+    init = (jnp.zeros_like(x_r), *(jnp.zeros_like(x_r, shape=(x_r.shape[0], inner)) for _ in range(2)))
+    y_r, g_r, u_r = jax.lax.fori_loop(0, layout.used, one_tile, init)
+    y_td = jnp.zeros_like(x_td).at[layout.token_r].add(y_r * w_r[:, None].astype(x_td.dtype))
+    return y_td, (g_r, u_r, w_r)
+
+
+def _tiled_train_backward(x_td, weights_tk, gate_edi, up_edi, down_eid, layout, tile, g_r, u_r, w_r, dy_td):
+    """Cotangents (x, weights, gate, up, down): six matmuls per tile, over the used tiles only."""
+    num_assignments = weights_tk.size
+    x_r = x_td[layout.token_r]
+    dy_r = dy_td[layout.token_r] * (layout.assignment_r < num_assignments)[:, None].astype(dy_td.dtype)
+    acc = jnp.float32
+
+    def one_tile(n, carry):
+        dx_r, dw_r, dgate, dup, ddown = carry
+        expert = layout.expert_n[n]
+        gate, up, down = _tile_weights(gate_edi, up_edi, down_eid, expert, x_td.dtype)
+        take = lambda v: jax.lax.dynamic_slice_in_dim(v, n * tile, tile)
+        x, g, u, w, dy = take(x_r), take(g_r), take(u_r), take(w_r)[:, None], take(dy_r)
+        sig = jax.nn.sigmoid(g)
+        act = g * sig
+        h = act * u
+        dz = dy @ down.T  # d(unweighted expert output) @ down^T
+        dh = w * dz
+        du = dh * act
+        dg = dh * u * sig * (1 + g * (1 - sig))
+        add = lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, buf[expert] + v.astype(acc), expert, 0)
+        put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, n * tile, 0)
+        return (
+            put(dx_r, dg @ gate.T + du @ up.T),
+            put(dw_r, jnp.sum(dz * h, axis=-1)),
+            add(dgate, x.T @ dg),
+            add(dup, x.T @ du),
+            add(ddown, h.T @ (w * dy)),
+        )
+
+    like_rows = lambda shape, dtype: jnp.zeros_like(x_r, shape=shape, dtype=dtype)
+    carry = (
+        jnp.zeros_like(x_r),
+        like_rows(x_r.shape[:1], x_td.dtype),
+        *(like_rows(w.shape, acc) for w in (gate_edi, up_edi, down_eid)),
+    )
+    dx_r, dw_r, dgate, dup, ddown = jax.lax.fori_loop(0, layout.used, one_tile, carry)
+    dx_td = jnp.zeros_like(x_td).at[layout.token_r].add(dx_r)
+    dweights = like_rows((num_assignments,), dw_r.dtype).at[layout.assignment_r].set(dw_r, mode="drop")
+    # Under shard_map the sums above vary over the rows' mesh axes; an input that varies over fewer
+    # (the experts' weights, replicated weights_tk) takes its cotangent summed over the rest, which
+    # is the transpose of widening it to the rows' type.
+    widen = lambda *inputs: tuple(v + like_rows(v.shape, v.dtype) for v in inputs)
+    _, narrow = jax.vjp(widen, weights_tk, gate_edi, up_edi, down_eid)
+    return dx_td, *narrow(
+        (
+            dweights.reshape(weights_tk.shape).astype(weights_tk.dtype),
+            dgate.astype(gate_edi.dtype),
+            dup.astype(up_edi.dtype),
+            ddown.astype(down_eid.dtype),
+        )
+    )
+
+
 @jax.custom_vjp
 def _tiled_moe(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid):
     return _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid)
 
 
 def _tiled_moe_fwd(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid):
-    """Under differentiation the same function runs as dropless capacity, which keeps what its
-    backward pass needs (cheaper than the tiled forward plus a recomputation)."""
-
-    def same_function(x_td, weights_tk, gate_edi, up_edi, down_eid):
-        return capacity_dispatch(
-            x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, capacity_factor=0.0
-        )[0]
-
-    return jax.vjp(same_function, x_td, weights_tk, gate_edi, up_edi, down_eid)
+    """Under differentiation: tiles of the expert-sorted assignments (each expert's run padded to
+    whole tiles, so a tile has one expert), keeping each row's gate and up pre-activations: memory
+    and work grow with the routed assignments, never with experts x tokens."""
+    tile = training_tile_rows(ids_tk.size, gate_edi.shape[0])
+    layout = tile_layout(ids_tk, valid_t, gate_edi.shape[0], tile)
+    y_td, (g_r, u_r, w_r) = _tiled_train_forward(x_td, weights_tk, gate_edi, up_edi, down_eid, layout, tile)
+    return y_td, (x_td, weights_tk, gate_edi, up_edi, down_eid, layout, g_r, u_r, w_r)
 
 
-def _tiled_moe_bwd(capacity_vjp, dy_td):
-    dx, dweights, dgate, dup, ddown = capacity_vjp(dy_td)
+def _tiled_moe_bwd(residuals, dy_td):
+    x_td, weights_tk, gate_edi, up_edi, down_eid, layout, g_r, u_r, w_r = residuals
+    tile = training_tile_rows(weights_tk.size, gate_edi.shape[0])
+    dx, dweights, dgate, dup, ddown = _tiled_train_backward(
+        x_td, weights_tk, gate_edi, up_edi, down_eid, layout, tile, g_r, u_r, w_r, dy_td
+    )
     return dx, None, dweights, None, dgate, dup, ddown
 
 
@@ -250,8 +380,8 @@ def tiled_dispatch(
     assignments (sorted by expert) run through SwiGLU in tiles of `tile_rows` rows.
 
     An expert no real token chose is never read, which is what a decode step on CPU is bound by.
-    Loop bounds depend on the routing, so under differentiation the same function runs as dropless
-    capacity (a custom VJP). With `layer`, the weights are whole [L, E, ...] stacks and each chosen
+    Loop bounds depend on the routing, so differentiation goes through a custom VJP: padded
+    expert-sorted row tiles forward and backward (`tile_layout`), work and memory in routed rows. With `layer`, the weights are whole [L, E, ...] stacks and each chosen
     expert is sliced straight from them (a forward-only path: decode and prefill).
     Returns (y [T, D], dropped=0).
     """
@@ -271,12 +401,10 @@ DISPATCH_STRATEGIES = {
 }
 
 
-def resolve_dispatch(name: str, num_tokens: int | None = None) -> str:
-    """Maps "auto" to the strategy that is fast on the current backend (and token count, if given)."""
+def resolve_dispatch(name: str) -> str:
+    """Maps "auto" to the strategy that is fast on the current backend."""
     if name == "auto":
-        if jax.default_backend() != "cpu":
-            return "ragged"
-        return "tiled" if num_tokens is not None and num_tokens <= TILED_MAX_TOKENS else "capacity"
+        return "tiled" if jax.default_backend() == "cpu" else "ragged"
     if name not in DISPATCH_STRATEGIES:
         raise ValueError(f"moe_dispatch={name!r}: use one of auto, {', '.join(DISPATCH_STRATEGIES)}")
     return name
@@ -492,11 +620,11 @@ class MoeBlock(nnx.Module):
                 *sliced,
                 layout=layout,
                 capacity_factor=self.capacity_factor,
-                inner=resolve_dispatch(self.dispatch, b * t * self.top_k // layout.ways),
+                inner=resolve_dispatch(self.dispatch),
             )
             y_td = y_btd.reshape(b * t, d)
         else:
-            strategy = resolve_dispatch(self.dispatch, b * t)
+            strategy = resolve_dispatch(self.dispatch)
             # tiled slices (layer, expert) inside its loop, so a stack is never copied per layer
             args, extra = (
                 (experts, {"layer": layer}) if layer is not None and strategy == "tiled" else (sliced, {})
