@@ -214,11 +214,12 @@ def _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid
 
 
 def training_tile_rows(num_assignments: int, num_experts: int) -> int:
-    """Rows per tile of the differentiated tiled dispatch: the power of two at or below a quarter of
-    the mean assignments per expert, in [16, 256]. Each expert's run is padded to whole tiles, so
-    about experts * tile / 2 rows are padding: a quarter of the mean keeps that near 1/8 of the work."""
-    quarter = max(1, num_assignments // (4 * num_experts))
-    return min(256, max(16, 1 << (quarter.bit_length() - 1)))
+    """Rows per tile of the differentiated tiled dispatch: the power of two at or below half the mean
+    assignments per expert, in [32, 256]. Each expert's run is padded to whole tiles (about a quarter
+    of the rows at most sizes); smaller tiles pad less but pay more per-tile overhead (measured: 128
+    rows fastest at the bench's small shape, 64 and 256 slower)."""
+    half = max(1, num_assignments // (2 * num_experts))
+    return min(256, max(32, 1 << (half.bit_length() - 1)))
 
 
 @jax.tree_util.register_dataclass
@@ -227,14 +228,16 @@ class TileLayout:
     """Assignments sorted by expert into row tiles, each expert's run padded to whole tiles.
 
     R = tiles * tile rows. token_r [R]: the token a row reads (0 on padding); assignment_r [R]: its
-    assignment a = t * k + j (A on padding); expert_n [tiles]: the expert of each tile; used: how many
-    tiles hold assignments (the rest are never computed).
+    assignment a = t * k + j (A on padding); first_tile_e, tiles_e [E]: where each expert's tiles start
+    and how many it has; chosen: the experts with tiles first (in id order); num_chosen: how many.
     """
 
     token_r: jax.Array
     assignment_r: jax.Array
-    expert_n: jax.Array
-    used: jax.Array
+    first_tile_e: jax.Array
+    tiles_e: jax.Array
+    chosen: jax.Array
+    num_chosen: jax.Array
 
 
 def tile_layout(ids_tk, valid_t, num_experts: int, tile: int) -> TileLayout:
@@ -245,24 +248,35 @@ def tile_layout(ids_tk, valid_t, num_experts: int, tile: int) -> TileLayout:
     key_a = jnp.where(jnp.repeat(valid_t, k), ids_tk.reshape(-1), num_experts)
     sizes_e = jnp.bincount(key_a, length=num_experts + 1)[:num_experts]
     tiles_e = -(-sizes_e // tile)
-    tile_end_e = jnp.cumsum(tiles_e)
+    first_tile_e = jnp.cumsum(tiles_e) - tiles_e
     order_a = jnp.argsort(key_a, stable=True)
     sorted_key = key_a[order_a]
     run_start = jnp.concatenate([jnp.zeros(1, sizes_e.dtype), jnp.cumsum(sizes_e)])[sorted_key]
-    first_row = jnp.concatenate([jnp.zeros(1, tiles_e.dtype), tile_end_e * tile])[sorted_key]
+    first_row = jnp.concatenate([first_tile_e * tile, jnp.zeros(1, tiles_e.dtype)])[sorted_key]
     row_sorted = jnp.where(
         sorted_key < num_experts, first_row + jnp.arange(num_assignments) - run_start, tiles * tile
     )
     assignment_r = jnp.full(tiles * tile, num_assignments, jnp.int32).at[row_sorted].set(
         order_a.astype(jnp.int32), mode="drop"
     )
-    expert_n = jnp.minimum(jnp.searchsorted(tile_end_e, jnp.arange(tiles), side="right"), num_experts - 1)
     return TileLayout(
         token_r=jnp.minimum(assignment_r, num_assignments - 1) // k,
         assignment_r=assignment_r,
-        expert_n=expert_n.astype(jnp.int32),
-        used=tile_end_e[-1],
+        first_tile_e=first_tile_e,
+        tiles_e=tiles_e,
+        chosen=jnp.argsort(tiles_e == 0, stable=True),
+        num_chosen=jnp.sum(tiles_e > 0),
     )
+
+
+def _over_tiles(layout: TileLayout, per_expert, carry):
+    """fori over the chosen experts: per_expert(expert, first_tile, num_tiles, carry) -> carry."""
+
+    def one_expert(i, carry):
+        expert = layout.chosen[i]
+        return per_expert(expert, layout.first_tile_e[expert], layout.tiles_e[expert], carry)
+
+    return jax.lax.fori_loop(0, layout.num_chosen, one_expert, carry)
 
 
 def _tile_weights(gate_edi, up_edi, down_eid, expert, dtype):
@@ -270,65 +284,76 @@ def _tile_weights(gate_edi, up_edi, down_eid, expert, dtype):
 
 
 def _tiled_train_forward(x_td, weights_tk, gate_edi, up_edi, down_eid, layout: TileLayout, tile: int):
-    """(y [T, D], gate and up pre-activations [R, I] of every row) over the used tiles only."""
+    """(y [T, D], gate and up pre-activations [R, I] of every row); each chosen expert's weights are
+    sliced once and its tiles run in an inner loop."""
     num_assignments = weights_tk.size
     live_r = layout.assignment_r < num_assignments
     x_r = x_td[layout.token_r]
     w_r = jnp.where(live_r, weights_tk.reshape(-1)[jnp.minimum(layout.assignment_r, num_assignments - 1)], 0)
-    inner = gate_edi.shape[-1]
 
-    def one_tile(n, carry):
-        y_r, g_r, u_r = carry
-        gate, up, down = _tile_weights(gate_edi, up_edi, down_eid, layout.expert_n[n], x_td.dtype)
-        x = jax.lax.dynamic_slice_in_dim(x_r, n * tile, tile)
-        g, u = x @ gate, x @ up
-        put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, n * tile, 0)
-        return put(y_r, (jax.nn.silu(g) * u) @ down), put(g_r, g), put(u_r, u)
+    def per_expert(expert, first, count, carry):
+        gate, up, down = _tile_weights(gate_edi, up_edi, down_eid, expert, x_td.dtype)
+
+        def one_tile(n, carry):
+            y_r, g_r, u_r = carry
+            x = jax.lax.dynamic_slice_in_dim(x_r, n * tile, tile)
+            g, u = x @ gate, x @ up
+            put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, n * tile, 0)
+            return put(y_r, (jax.nn.silu(g) * u) @ down), put(g_r, g), put(u_r, u)
+
+        return jax.lax.fori_loop(first, first + count, one_tile, carry)
 
     # Carries are zeros "like" the rows: under shard_map they then vary over the rows' mesh axes.
+    inner = gate_edi.shape[-1]
     init = (jnp.zeros_like(x_r), *(jnp.zeros_like(x_r, shape=(x_r.shape[0], inner)) for _ in range(2)))
-    y_r, g_r, u_r = jax.lax.fori_loop(0, layout.used, one_tile, init)
+    y_r, g_r, u_r = _over_tiles(layout, per_expert, init)
     y_td = jnp.zeros_like(x_td).at[layout.token_r].add(y_r * w_r[:, None].astype(x_td.dtype))
     return y_td, (g_r, u_r, w_r)
 
 
 def _tiled_train_backward(x_td, weights_tk, gate_edi, up_edi, down_eid, layout, tile, g_r, u_r, w_r, dy_td):
-    """Cotangents (x, weights, gate, up, down): six matmuls per tile, over the used tiles only."""
+    """Cotangents (x, weights, gate, up, down): six matmuls per tile; each chosen expert's weight
+    gradients are summed over its tiles in the inner loop's carry and written once."""
     num_assignments = weights_tk.size
     x_r = x_td[layout.token_r]
     dy_r = dy_td[layout.token_r] * (layout.assignment_r < num_assignments)[:, None].astype(dy_td.dtype)
+    like_rows = lambda shape, dtype: jnp.zeros_like(x_r, shape=shape, dtype=dtype)
     acc = jnp.float32
 
-    def one_tile(n, carry):
-        dx_r, dw_r, dgate, dup, ddown = carry
-        expert = layout.expert_n[n]
+    def per_expert(expert, first, count, carry):
         gate, up, down = _tile_weights(gate_edi, up_edi, down_eid, expert, x_td.dtype)
-        take = lambda v: jax.lax.dynamic_slice_in_dim(v, n * tile, tile)
-        x, g, u, w, dy = take(x_r), take(g_r), take(u_r), take(w_r)[:, None], take(dy_r)
-        sig = jax.nn.sigmoid(g)
-        act = g * sig
-        h = act * u
-        dz = dy @ down.T  # d(unweighted expert output) @ down^T
-        dh = w * dz
-        du = dh * act
-        dg = dh * u * sig * (1 + g * (1 - sig))
-        add = lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, buf[expert] + v.astype(acc), expert, 0)
-        put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, n * tile, 0)
-        return (
-            put(dx_r, dg @ gate.T + du @ up.T),
-            put(dw_r, jnp.sum(dz * h, axis=-1)),
-            add(dgate, x.T @ dg),
-            add(dup, x.T @ du),
-            add(ddown, h.T @ (w * dy)),
-        )
 
-    like_rows = lambda shape, dtype: jnp.zeros_like(x_r, shape=shape, dtype=dtype)
+        def one_tile(n, carry):
+            dx_r, dw_r, dgate, dup, ddown = carry
+            take = lambda v: jax.lax.dynamic_slice_in_dim(v, n * tile, tile)
+            x, g, u, w, dy = take(x_r), take(g_r), take(u_r), take(w_r)[:, None], take(dy_r)
+            sig = jax.nn.sigmoid(g)
+            act = g * sig
+            h = act * u
+            dz = dy @ down.T  # d(unweighted expert output) @ down^T
+            dh = w * dz
+            du = dh * act
+            dg = dh * u * sig * (1 + g * (1 - sig))
+            put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, n * tile, 0)
+            return (
+                put(dx_r, dg @ gate.T + du @ up.T),
+                put(dw_r, jnp.sum(dz * h, axis=-1)),
+                dgate + (x.T @ dg).astype(acc),
+                dup + (x.T @ du).astype(acc),
+                ddown + (h.T @ (w * dy)).astype(acc),
+            )
+
+        dx_r, dw_r, *sums = carry
+        local = tuple(like_rows(w.shape[1:], acc) for w in (gate_edi, up_edi, down_eid))
+        dx_r, dw_r, *local = jax.lax.fori_loop(first, first + count, one_tile, (dx_r, dw_r, *local))
+        return dx_r, dw_r, *(jax.lax.dynamic_update_index_in_dim(s, v, expert, 0) for s, v in zip(sums, local))
+
     carry = (
         jnp.zeros_like(x_r),
         like_rows(x_r.shape[:1], x_td.dtype),
         *(like_rows(w.shape, acc) for w in (gate_edi, up_edi, down_eid)),
     )
-    dx_r, dw_r, dgate, dup, ddown = jax.lax.fori_loop(0, layout.used, one_tile, carry)
+    dx_r, dw_r, dgate, dup, ddown = _over_tiles(layout, per_expert, carry)
     dx_td = jnp.zeros_like(x_td).at[layout.token_r].add(dx_r)
     dweights = like_rows((num_assignments,), dw_r.dtype).at[layout.assignment_r].set(dw_r, mode="drop")
     # Under shard_map the sums above vary over the rows' mesh axes; an input that varies over fewer
