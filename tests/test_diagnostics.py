@@ -8,6 +8,7 @@ import pytest
 import micro_config as micro
 from gspo_jax import diagnostics
 from gspo_jax.rl_step import summarize_updates
+from gspo_jax.train import ConfigError, validate_config
 from gspo_jax.trainer import Trainer
 
 
@@ -145,3 +146,11 @@ def test_trainer_logs_diagnostics_and_replay_routes_exactly(tmp_path, old_logpro
             np.isfinite(row[f"ratio_len/bin{j}_var_seq_logratio"]) for j in range(4)
         )
         assert {"clip_frac/seq", "clip_frac/token"} <= set(row)
+
+
+def test_switches_must_be_booleans():
+    cfg = micro.override(micro.get_config(), **{"algo.routing_replay": None, "log.routing_volatility": None})
+    with pytest.raises(ConfigError) as error:
+        validate_config(cfg)
+    assert "--config.algo.routing_replay: None: use True or False" in str(error.value)
+    assert "--config.log.routing_volatility: None: use True or False" in str(error.value)
