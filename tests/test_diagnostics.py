@@ -115,11 +115,16 @@ def test_step_row_pools_bin_variances_over_updates():
     assert row["loss"] == 2.5 and not any(k.startswith("ratio_len/") and "mb" in k for k in row)
 
 
-@pytest.mark.parametrize("old_logprobs", ["trainer", "sampler"])
-def test_trainer_logs_diagnostics_and_replay_routes_exactly(tmp_path, old_logprobs):
+# The second case replays sampler-run batches on a data x expert x tensor mesh (expert parallelism).
+SHARDED = {"mesh.num_devices": 8, "mesh.data": 2, "mesh.expert": 2, "mesh.tensor": 2}
+
+
+@pytest.mark.parametrize("old_logprobs, mesh", [("trainer", {}), ("sampler", SHARDED)])
+def test_trainer_logs_diagnostics_and_replay_routes_exactly(tmp_path, old_logprobs, mesh):
     cfg = micro.override(
         micro.get_config(),
         workdir=str(tmp_path / "run"),
+        **mesh,
         **{
             "algo.importance_sampling_level": "token",
             "algo.routing_replay": True,
