@@ -2,13 +2,20 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
+from test_routing_replay import CFG
 
 import micro_config as micro
 from gspo_jax import diagnostics
+from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
 from gspo_jax.rl_step import summarize_updates
 from gspo_jax.train import ConfigError, validate_config
+from gspo_jax.update import RolloutBatch, TrainState, UpdateSettings, make_score_fn, make_train_fn
 from gspo_jax.trainer import Trainer
 
 
@@ -159,3 +166,62 @@ def test_switches_must_be_booleans():
         validate_config(cfg)
     assert "--config.algo.routing_replay: None: use True or False" in str(error.value)
     assert "--config.log.routing_volatility: None: use True or False" in str(error.value)
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_update_volatility_equals_loop_over_separate_forwards(replay):
+    """One jitted update's routing/volatility against the loop applied to the expert ids of two
+    independent forwards: the parameters before the update and the ones it returns."""
+    graphdef, params = nnx.split(QwenMoeForCausalLM(CFG, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(5)
+    rows, prompt, width = 4, 5, 4
+    tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (rows, prompt + width)))
+    valid_np = np.ones((rows, prompt + width), bool)
+    valid_np[1, :2] = False  # left padding
+    valid_np[2, -1:] = False  # a shorter completion
+    valid = jnp.asarray(valid_np)
+    mask = valid[:, prompt:].astype(jnp.float32)
+    settings = UpdateSettings(
+        level="token",
+        eps_low=0.2,
+        eps_high=0.28,
+        aggregation="seq-mean-token-mean",
+        beta=0.0,
+        aux_loss_coef=0.0,
+        temperature=1.0,
+        logprob_chunk=width,
+        minibatches=1,
+        iterations=1,
+        routing_replay=replay,
+        routing_volatility=True,
+    )
+    old_logp, old_ids = make_score_fn(graphdef, settings, with_expert_ids=True)(params, tokens, valid, mask)
+    batch = RolloutBatch(
+        tokens=tokens,
+        valid=valid,
+        completion_mask=mask,
+        advantages=jnp.asarray([1.0, -1.0, 0.5, -0.5]),
+        old_logp=old_logp,
+        sampler_logp=old_logp,
+        ref_logp=old_logp,
+        expert_ids=old_ids if replay else None,
+    )
+    optimizer = optax.adam(0.1)
+    state = TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+    before = _expert_ids(graphdef, params, tokens, valid)
+    state, metrics = make_train_fn(graphdef, optimizer, settings)(state, batch, jax.random.key(0))
+    after = _expert_ids(graphdef, state.params, tokens, valid)
+    expected = np_volatility(before, after, valid_np[:, :-1])
+    assert expected.min() > 0  # the update moved some routing
+    assert float(metrics["routing/volatility"][0, 0]) == pytest.approx(expected.mean(), rel=1e-6)
+    for i, value in enumerate(expected):
+        assert float(metrics[f"routing/volatility_layer{i}"][0, 0]) == pytest.approx(value, rel=1e-6)
+    assert ("routing/replay_volatility" in metrics) == replay
+    if replay:
+        assert float(metrics["routing/replay_volatility"][0, 0]) == 0
+
+
+def _expert_ids(graphdef, params, tokens, valid):
+    """[L_moe, B, T - 1, k] numpy ids of the forward over tokens[:, :-1] (the log-prob forward's inputs)."""
+    out = jax.jit(lambda p: nnx.merge(graphdef, p).forward(tokens[:, :-1], valid_bt=valid[:, :-1]))(params)
+    return np.asarray(out.router_stats.expert_ids)
