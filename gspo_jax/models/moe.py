@@ -46,13 +46,16 @@ class RouterStats:
     with a leading [L] dimension on every field (what the model's forward returns).
 
     expert_counts: [E] top-k assignments per expert; prob_sum: [E] summed router probabilities;
-    tokens: scalar count of real tokens; dropped: scalar count of assignments dropped by capacity.
+    tokens: scalar count of real tokens; dropped: scalar count of assignments dropped by capacity;
+    expert_ids: [B, T, k] int32, the experts each position was routed to (padding included), which
+    routing replay feeds back and the routing-volatility diagnostic compares.
     """
 
     expert_counts: jax.Array
     prob_sum: jax.Array
     tokens: jax.Array
     dropped: jax.Array
+    expert_ids: jax.Array
 
 
 def _top_k_ids(probs_te, k: int):
@@ -68,14 +71,21 @@ def _top_k_ids(probs_te, k: int):
     return jnp.stack(ids, axis=-1).astype(jnp.int32)
 
 
-def route(x_td, router_de, top_k: int, norm_topk_prob: bool):
-    """Router probabilities [T, E] (fp32 softmax over all experts), top-k ids [T, k] and weights [T, k]."""
+def route(x_td, router_de, top_k: int, norm_topk_prob: bool, replay_ids_tk=None):
+    """Router probabilities [T, E] (fp32 softmax over all experts), top-k ids [T, k] and weights [T, k].
+
+    replay_ids_tk: [T, k] int32 expert choices to use instead of this router's top-k (routing replay);
+    the weights are still the current probabilities at those ids, so the router keeps its gradient.
+    """
     # Tokens (flattened batch rows) stay split like the batch, so top-k runs where its rows are, and
     # x's cotangent keeps x's layout (else it takes the FSDP-split router's and is resharded).
     x_td = sharding.constrain(x_td, ("batch", "embed"))
     logits = sharding.constrain(x_td @ router_de.astype(x_td.dtype), ("batch", None))
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    ids = _top_k_ids(jax.lax.stop_gradient(probs), top_k)
+    if replay_ids_tk is None:
+        ids = _top_k_ids(jax.lax.stop_gradient(probs), top_k)
+    else:
+        ids = sharding.constrain(replay_ids_tk.astype(jnp.int32), ("batch", None))
     weights = jnp.einsum("te,tke->tk", probs, jax.nn.one_hot(ids, probs.shape[-1], dtype=probs.dtype))
     if norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
@@ -617,16 +627,20 @@ class MoeBlock(nnx.Module):
             )
             self.shared_expert_gate = param(rngs, init, (d, 1), pdt, ("embed", None))
 
-    def __call__(self, x_btd, valid_bt, layer=None):
+    def __call__(self, x_btd, valid_bt, layer=None, replay_ids_btk=None):
         """Returns (y [B, T, D], RouterStats of this layer).
 
         layer: None, or this layer's index when the expert weights are whole [L, E, ...] stacks (the
         decoder's cache path); the tiled dispatch then slices (layer, expert) inside its loop.
+        replay_ids_btk: None, or [B, T, k] expert ids to route with instead of the router's top-k.
         """
         b, t, d = x_btd.shape
         x_td = x_btd.reshape(b * t, d)
         valid_t = valid_bt.reshape(b * t)
-        probs_te, ids_tk, weights_tk = route(x_td, self.router.value, self.top_k, self.norm_topk_prob)
+        replay_ids_tk = None if replay_ids_btk is None else replay_ids_btk.reshape(b * t, -1)
+        probs_te, ids_tk, weights_tk = route(
+            x_td, self.router.value, self.top_k, self.norm_topk_prob, replay_ids_tk
+        )
         # Weights go in as stored: each strategy casts them to x's dtype where it reads them. On the
         # cache path they arrive as whole [L, E, ...] stacks with this layer's index.
         experts = (self.gate_proj.value, self.up_proj.value, self.down_proj.value)
@@ -668,6 +682,7 @@ class MoeBlock(nnx.Module):
             prob_sum=jnp.einsum("te,t->e", probs_te, mask_t),
             tokens=jnp.sum(mask_t),
             dropped=dropped,
+            expert_ids=ids_tk.reshape(b, t, -1),
         )
         return y_td.reshape(b, t, d), stats
 
