@@ -42,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.expert_parallel = "auto"  # auto: all-to-all expert parallelism when mesh.expert > 1 | off
     c.model.remat = False  # recompute decoder layers in the backward pass (long completions, big models)
     c.model.remat_policy = "nothing_saveable"  # what remat keeps: nothing_saveable | dots_saveable
+    c.model.scan_unroll = 0  # decoder layers per scan iteration; 0: all (small models on CPU)
     c.model.aux_loss_coef = config_dict.placeholder(float)  # None: the model's router_aux_loss_coef
     c.model.logprob_chunk = 256  # time steps per chunk of the LM-head log-softmax
 
@@ -159,6 +160,7 @@ def _real_model(c, preset: str):
     # GiB per MoE layer for 30B on v5p-64 vs 6.8 GiB at 1.25 (python -m gspo_jax.plan; BUILD_NOTES).
     c.model.capacity_factor = 1.25
     c.model.remat = True
+    c.model.scan_unroll = 1  # one layer per scan iteration: compile time and memory stay flat in depth
     c.data.task = ""
     c.data.path = ""  # required: JSONL/Parquet with "prompt" and "answer"
     c.data.chat_template = True

@@ -26,19 +26,25 @@ class Policy:
     params: nnx.State
 
 
-def model_config(cfg) -> ModelConfig:
-    runtime = dict(
+def runtime_settings(cfg) -> dict:
+    """The ModelConfig runtime fields set by the run config's model section."""
+    return dict(
         dtype=cfg.model.dtype,
         param_dtype=cfg.model.param_dtype,
         moe_dispatch=cfg.model.moe_dispatch,
         capacity_factor=cfg.model.capacity_factor,
-        remat=cfg.model.get("remat", False),  # configs saved before remat existed lack it
+        # configs saved by older versions lack the later keys
+        remat=cfg.model.get("remat", False),
         expert_parallel=cfg.model.get("expert_parallel", "auto"),
         remat_policy=cfg.model.get("remat_policy", "nothing_saveable"),
+        scan_unroll=cfg.model.get("scan_unroll", 1),
     )
+
+
+def model_config(cfg) -> ModelConfig:
     if cfg.model.hf_path:
-        return ModelConfig.from_hf_path(cfg.model.hf_path, **runtime)
-    return PRESETS[cfg.model.preset].replace(**runtime)
+        return ModelConfig.from_hf_path(cfg.model.hf_path, **runtime_settings(cfg))
+    return PRESETS[cfg.model.preset].replace(**runtime_settings(cfg))
 
 
 def build_policy(cfg, mesh) -> Policy:
@@ -48,17 +54,8 @@ def build_policy(cfg, mesh) -> Policy:
     shardings = sharding.param_shardings(abstract, mesh, cfg.mesh.rules.to_dict())
     if cfg.model.hf_path:
         flat = {path: s.get_value() for path, s in nnx.to_flat_state(shardings)}
-        model = from_pretrained(
-            cfg.model.hf_path,
-            cfg.model.dtype,
-            param_dtype=cfg.model.param_dtype,
-            shardings=flat,
-            moe_dispatch=cfg.model.moe_dispatch,
-            capacity_factor=cfg.model.capacity_factor,
-            remat=cfg.model.get("remat", False),
-            expert_parallel=cfg.model.get("expert_parallel", "auto"),
-            remat_policy=cfg.model.get("remat_policy", "nothing_saveable"),
-        )
+        runtime = runtime_settings(cfg)
+        model = from_pretrained(cfg.model.hf_path, runtime.pop("dtype"), shardings=flat, **runtime)
         _, params = nnx.split(model)
     else:
         params = init_params(mcfg, shardings, cfg.seed)

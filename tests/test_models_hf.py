@@ -224,14 +224,16 @@ def _torch_grads_in_our_layout(hf, ids, path):
     return loss.item(), {p: np.asarray(v) for p, v in load_params(path, cfg).items()}
 
 
-@pytest.mark.parametrize("remat_policy", [None, "nothing_saveable", "dots_saveable"])
-def test_scanned_heterogeneous_stack_gradients_match_torch(tmp_path, remat_policy):
+@pytest.mark.parametrize(
+    "remat_policy, scan_unroll", [(None, 1), ("nothing_saveable", 1), ("dots_saveable", 1), (None, 0)]
+)
+def test_scanned_heterogeneous_stack_gradients_match_torch(tmp_path, remat_policy, scan_unroll):
     hf = build_hf_model("qwen3", weight_std=0.2, **HETEROGENEOUS)
     path = save_hf_model(hf, tmp_path / "m")
     ids = _ids(hf.config.vocab_size, (2, 9))
     ref_loss, ref_grads = _torch_grads_in_our_layout(hf, ids, str(tmp_path / "grads"))
     runtime = {"remat": True, "remat_policy": remat_policy} if remat_policy else {}
-    model = gspo_jax.from_pretrained(path, **runtime)
+    model = gspo_jax.from_pretrained(path, scan_unroll=scan_unroll, **runtime)
     assert model.runs == ((0, 1), (1, 1), (2, 2))
     graphdef, params = nnx.split(model)
 
@@ -243,7 +245,8 @@ def test_scanned_heterogeneous_stack_gradients_match_torch(tmp_path, remat_polic
 
     jaxpr = str(jax.make_jaxpr(jax.grad(loss_fn))(params))
     assert ("checkpoint" in jaxpr or "remat" in jaxpr) == bool(remat_policy)
-    assert jaxpr.count("scan[") >= 3  # one scan per run, not unrolled layers
+    assert jaxpr.count("scan[") >= 3  # one scan per run (unrolled inside when scan_unroll=0)
+    assert ("unroll=2" in jaxpr) == (scan_unroll == 0)  # the two-layer run
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
     ours = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}

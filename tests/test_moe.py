@@ -248,6 +248,8 @@ def test_invalid_config_names_the_fix():
         TINY.replace(num_experts_per_tok=9)
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         TINY.replace(num_key_value_heads=3)
+    with pytest.raises(ValueError, match="scan_unroll=-1: use an int >= 0"):
+        TINY.replace(scan_unroll=-1)
 
 
 def test_remat_gives_the_same_loss_and_gradients():

@@ -77,6 +77,10 @@ class ModelConfig:
     expert_parallel: str = "auto"
     remat: bool = False  # recompute each decoder layer in the backward pass (activation memory / layers)
     remat_policy: str = "nothing_saveable"  # one of REMAT_POLICIES (used when remat)
+    # Decoder layers per lax.scan iteration; 0 unrolls every layer. On CPU unrolling saves copying each
+    # layer's saved activations in and out of stacked buffers (small models); deep models on TPU/GPU
+    # keep 1 for compile time and memory.
+    scan_unroll: int = 1
 
     def __post_init__(self):
         errors = []
@@ -101,6 +105,8 @@ class ModelConfig:
             errors.append(f"moe_dispatch={self.moe_dispatch!r}: use one of {MOE_DISPATCH_STRATEGIES}")
         if self.expert_parallel not in EXPERT_PARALLEL_MODES:
             errors.append(f"expert_parallel={self.expert_parallel!r}: use one of {EXPERT_PARALLEL_MODES}")
+        if not isinstance(self.scan_unroll, int) or self.scan_unroll < 0:
+            errors.append(f"scan_unroll={self.scan_unroll!r}: use an int >= 0 (0 unrolls every layer)")
         if self.remat_policy not in REMAT_POLICIES:
             errors.append(f"remat_policy={self.remat_policy!r}: use one of {REMAT_POLICIES}")
         for name in ("param_dtype", "dtype"):

@@ -228,7 +228,10 @@ class QwenMoeForCausalLM(nnx.Module):
             policy = getattr(jax.checkpoint_policies, self.config.remat_policy)
             one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)
         layers = jnp.arange(first, first + count, dtype=jnp.int32)
-        (h_btd, cache), stats = jax.lax.scan(one_layer, (h_btd, cache), (params, layers, replay_ids))
+        unroll = min(self.config.scan_unroll or count, count)
+        (h_btd, cache), stats = jax.lax.scan(
+            one_layer, (h_btd, cache), (params, layers, replay_ids), unroll=unroll
+        )
         return h_btd, cache, stats
 
     def lm_head_weight(self):
