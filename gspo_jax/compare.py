@@ -68,10 +68,10 @@ SETUPS: dict[str, dict[str, Any]] = {
         "rollout.max_new_tokens": 24,
         "rollout.prompts_per_step": 16,
         "rollout.group_size": 8,
-        "steps": 150,
+        "steps": 200,
         "eval.every": 25,
-        "warmstart.steps": 300,
-        "warmstart.eval_every": 100,
+        "warmstart.steps": 250,
+        "warmstart.eval_every": 125,
     },
     "quick": _TASK
     | {
@@ -80,12 +80,12 @@ SETUPS: dict[str, dict[str, Any]] = {
         "rollout.max_new_tokens": 24,
         "rollout.prompts_per_step": 16,
         "rollout.group_size": 8,
-        "steps": 60,
+        "steps": 40,
         "eval.every": 20,
         "data.eval_size": 100,
         "eval.batch_size": 100,
-        "warmstart.steps": 300,
-        "warmstart.eval_every": 100,
+        "warmstart.steps": 250,
+        "warmstart.eval_every": 125,
     },
     "large": _TASK
     | {
@@ -102,6 +102,7 @@ SETUPS: dict[str, dict[str, Any]] = {
         "warmstart.eval_every": 250,
     },
 }
+_TASK_OPTIONS = ("data.task_kwargs", "reward.fns")  # follow data.task
 RUN_FILE = "compare_run.json"  # beside a finished run's metrics.jsonl: its wall time and outcome
 
 
@@ -141,6 +142,8 @@ def apply_setup(cfg, setup: str, user_keys: set[str]) -> list[str]:
     A config with its own checkpoint or prompt file keeps its task and budget."""
     if cfg.model.hf_path or cfg.data.path:
         return []
+    if "data.task" in user_keys:  # the user's own task: the setup's task options would not fit it
+        user_keys = user_keys | set(_TASK_OPTIONS)
     applied = []
     for key, value in SETUPS[setup].items():
         if key == "seeds" or any(k == key or k.startswith(key + ".") for k in user_keys):
@@ -204,7 +207,8 @@ def setup_table(cfg, setup: str, seeds: int, wall_s: float) -> dict[str, Any]:
         "batch": f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.group_size} completions, "
         f"{cfg.algo.minibatches} minibatch updates per step, max {cfg.rollout.max_new_tokens} new tokens",
         "optimizer": f"lr {cfg.optim.lr}",
-        "eval": f"greedy, every {cfg.eval.every} steps, {cfg.data.eval_size} held-out problems",
+        "eval": f"greedy, every {cfg.eval.every} steps",
+        "eval problems": cfg.data.eval_size,
         "seeds": seeds,
         "machine": machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -7,7 +7,8 @@ logged are reported: a diagnostic nobody logged becomes an empty section with a 
 
 Definitions (written into the report too):
   train time    cumulative `step_time_s` of the RL steps (sampling, rewards, updates; evaluation,
-                warm start and checkpoints excluded), the x axis of the "vs wall time" curves.
+                warm start and checkpoints excluded; the first step, which compiles, counted at the
+                median step time), the x axis of the "vs wall time" curves.
   collapse      an episode in which held-out accuracy falls more than COLLAPSE_DROP below its
                 running best (over this run's earlier RL evals, step 0 included), or in which the
                 reward's trailing mean over REWARD_WINDOW steps falls more than COLLAPSE_DROP below
@@ -81,6 +82,14 @@ def trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
     return (cumulative[ends] - cumulative[starts]) / (ends - starts)
 
 
+def without_compilation(step_time: np.ndarray) -> np.ndarray:
+    """Step times with the first step's (which includes compiling every phase) replaced by the median
+    of the others, so train time compares arms on compute, not on compilation."""
+    if step_time.size < 2:
+        return step_time
+    return np.concatenate([[np.median(step_time[1:])], step_time[1:]])
+
+
 def collapse_starts(values: Sequence[float], drop: float = COLLAPSE_DROP) -> list[int]:
     """Indices where a collapse episode starts: values[i] < running best of values[:i+1] - drop,
     having been within `drop` of the running best at i - 1 (or i == 0 being impossible)."""
@@ -136,8 +145,8 @@ def run_summary(records: Sequence[Mapping], wall_s: float | None = None, stopped
         },
         "collapses": len(accuracy_collapses) + len(reward_collapses) + len(nonfinite_steps) + int(bool(stopped)),
         "steps": int(reward_steps.max()) if reward_steps.size else 0,
-        "train_time_s": float(step_time.sum()) if step_time.size else None,
-        "step_time_s": float(np.median(step_time[1:] if step_time.size > 1 else step_time)) if step_time.size else None,
+        "train_time_s": float(without_compilation(step_time).sum()) if step_time.size else None,
+        "step_time_s": float(np.median(without_compilation(step_time))) if step_time.size else None,
         "wall_s": wall_s,
     }
 
@@ -176,7 +185,7 @@ def curve(runs: Sequence[Sequence[Mapping]], key: str) -> dict[str, list] | None
         rl = rl_records(records)
         steps, values = series(rl, key)
         time_steps, step_time = series(rl, "step_time_s")
-        elapsed = dict(zip(time_steps.tolist(), np.cumsum(step_time).tolist()))
+        elapsed = dict(zip(time_steps.tolist(), np.cumsum(without_compilation(step_time)).tolist()))
         per_seed.append({int(s): (v, elapsed.get(int(s), 0.0)) for s, v in zip(steps, values)})
     common = sorted(set.intersection(*(set(p) for p in per_seed))) if per_seed else []
     if not common:
@@ -202,7 +211,10 @@ def build_report(arms: Mapping[str, Mapping], setup: Mapping[str, Any]) -> dict:
         "setup": dict(setup),
         "definitions": {
             "spread": "over seeds: mean, std (numpy, ddof=0), min and max of one number per seed",
-            "train_time": "cumulative step_time_s of the RL steps (evaluation, warm start, checkpoints excluded)",
+            "train_time": (
+                "cumulative step_time_s of the RL steps (evaluation, warm start, checkpoints excluded; "
+                "the first step, which compiles, counted at the median step time)"
+            ),
             "collapse": (
                 f"an episode in which eval accuracy falls more than {COLLAPSE_DROP} below its running best, or "
                 f"the trailing {REWARD_WINDOW}-step mean reward more than {COLLAPSE_DROP} below its running best "
@@ -271,12 +283,21 @@ def _statement(report: Mapping) -> list[str]:
     lines = [f"Final held-out accuracy, highest mean first: {text}."]
     if len(ranked) > 1:
         top, rest = finals[ranked[0]], [finals[a] for a in ranked[1:]]
-        separated = all(top["min"] > other["max"] for other in rest)
+        if top["n"] < 2:
+            lines.append("One seed per arm: there is no spread over seeds to judge these differences by.")
+        elif all(top["min"] > other["max"] for other in rest):
+            lines.append(f"{ranked[0]}'s worst seed beats every other arm's best seed.")
+        else:
+            lines.append(
+                f"The seed ranges of {ranked[0]} and at least one other arm overlap: with these seeds the "
+                "comparison does not separate the arms on final accuracy."
+            )
+    eval_size = report["setup"].get("eval problems")
+    if eval_size:
+        p = finals[ranked[0]]["mean"]
         lines.append(
-            f"{ranked[0]}'s worst seed beats every other arm's best seed."
-            if separated
-            else f"The seed ranges of {ranked[0]} and at least one other arm overlap: with these seeds the "
-            "comparison does not separate the arms on final accuracy."
+            f"One accuracy on {eval_size} held-out problems has a sampling standard error of about "
+            f"{math.sqrt(max(p * (1 - p), 0.0) / eval_size):.3f} (binomial, at {p:.2f})."
         )
     return lines
 

@@ -69,7 +69,11 @@ def _arms(with_diagnostics=True):
 
 def test_report_numbers_are_numpy_statistics_of_the_inputs():
     arms = _arms()
-    report = compare_report.build_report(arms, {"model": "hand-made"})
+    report = compare_report.build_report(arms, {"model": "hand-made", "eval problems": 100})
+    text = compare_report.format_markdown(report, [])
+    assert "gspo 0.650 (seeds 0.600-0.700), grpo 0.400 (seeds 0.300-0.500)" in text
+    assert "gspo's worst seed beats every other arm's best seed" in text
+    assert f"standard error of about {np.sqrt(0.65 * 0.35 / 100):.3f}" in text
     for arm, spec in arms.items():
         summary = report["arms"][arm]["summary"]
         finals = np.array([_rl(r["records"])[-1]["eval/accuracy"] for r in spec["runs"]])
@@ -85,13 +89,16 @@ def test_report_numbers_are_numpy_statistics_of_the_inputs():
         vol = [np.mean([r["routing/volatility"] for r in _steps(run["records"])]) for run in spec["runs"]]
         assert summary["routing_volatility"]["mean"] == pytest.approx(np.mean(vol))
         assert summary["wall_s"]["per_seed"] == [10.0, 11.0, 12.0]
+        times = [np.array([r["step_time_s"] for r in _steps(run["records"])]) for run in spec["runs"]]
+        assert summary["train_time_s"]["per_seed"] == pytest.approx([np.median(t[1:]) + t[1:].sum() for t in times])
         # Curves: mean / min / max over seeds at each eval step, x also as mean cumulative step time.
         acc_curve = report["curves"][arm]["eval/accuracy"]
         assert acc_curve["step"] == [0, 5, 10, 15, 20]
         at_10 = [next(r["eval/accuracy"] for r in _rl(run["records"]) if r["step"] == 10) for run in spec["runs"]]
         assert acc_curve["mean"][2] == pytest.approx(np.mean(at_10))
         assert acc_curve["min"][2] == min(at_10) and acc_curve["max"][2] == max(at_10)
-        time_10 = [sum(r["step_time_s"] for r in _steps(run["records"])[:10]) for run in spec["runs"]]
+        # Train time: the first (compiling) step counts at the median of the others.
+        time_10 = [np.median(t[1:]) + t[1:10].sum() for t in times]
         assert acc_curve["train_time_s"][2] == pytest.approx(np.mean(time_10))
         # Ratio variance by length: mean over the steps where the bin held completions, then over seeds.
         bin1 = report["ratio_by_length"][arm][1]
