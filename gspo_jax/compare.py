@@ -16,8 +16,10 @@ Setups (SETUPS) set the task and the budget for the built-in tiny policy: `cpu` 
 checkpoint (model.hf_path) or reads a prompt file (data.path) keeps its own task and budget.
 
 Each arm and seed trains through `gspo_jax.train.run` in its own workdir OUT/<arm>/seed<k>, one after
-another in this process; its wall time is saved beside it, so rerunning the command reuses finished
-runs (train.run resumes; a finished run has nothing left to do) and only redraws the report.
+another in this process. The arms of one seed start RL from the same policy: the first arm runs the
+warm start, and the others resume from its step-0 checkpoint (data iterator and PRNG key included),
+so they skip the warm start and begin bit-identical. A run's wall time is saved beside it, so
+rerunning the command reuses finished runs and only redraws the report.
 OUT/report.md, OUT/report.json and OUT/plots/*.png are written at the end (gspo_jax.compare_report).
 """
 
@@ -35,6 +37,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from gspo_jax import compare_report, train
+from gspo_jax.checkpoint import CHECKPOINT_DIR
 from gspo_jax.metrics import read_metrics
 
 GRPO_CLIP = (0.2, 0.28)
@@ -225,26 +228,30 @@ def compare(base, *, setup: str, seeds: int, arms: list[str], out: Path, log=pri
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     start = time.perf_counter()
     results: dict[str, dict] = {}
-    todo = [(arm, seed) for arm in arms for seed in range(seeds) if not missing_arm_keys(base, arm)]
-    done = 0
     for arm in arms:
-        missing = missing_arm_keys(base, arm)
-        settings = {k: v for k, v in ARMS[arm].items()}
+        settings = dict(ARMS[arm])
         if arm == "gspo":
             settings |= {"algo.eps_low": base.algo.eps_low, "algo.eps_high": base.algo.eps_high}
         results[arm] = {"settings": settings, "runs": []}
+        missing = missing_arm_keys(base, arm)
         if missing:
             results[arm]["note"] = f"not run: this build's config has no {', '.join(missing)}"
             log(f"{arm}: {results[arm]['note']}")
-            continue
-        for seed in range(seeds):
+    runnable = [arm for arm in arms if "note" not in results[arm]]
+    todo, done = len(runnable) * seeds, 0
+    for seed in range(seeds):
+        warm = None  # the first arm's step-0 checkpoint: the policy every arm of this seed starts RL from
+        for arm in runnable:
             cfg = arm_config(base, arm, seed, out)
+            if warm is not None and warm.exists() and not (Path(cfg.workdir) / CHECKPOINT_DIR).exists():
+                cfg.resume = str(warm)
             record = run_arm(cfg)
+            warm = warm or Path(cfg.workdir) / CHECKPOINT_DIR / "0"
             done += 1
             elapsed = time.perf_counter() - start
             log(
-                f"{arm} seed {seed}: {record['wall_s']:.0f} s ({done}/{len(todo)} runs, "
-                f"{elapsed / 60:.1f} min so far, ~{elapsed / done * (len(todo) - done) / 60:.1f} min left)"
+                f"{arm} seed {seed}: {record['wall_s']:.0f} s ({done}/{todo} runs, "
+                f"{elapsed / 60:.1f} min so far, ~{elapsed / done * (todo - done) / 60:.1f} min left)"
             )
             results[arm]["runs"].append(
                 {"seed": seed, "records": read_metrics(cfg.workdir), "wall_s": record["wall_s"], "stopped": record["stopped"]}

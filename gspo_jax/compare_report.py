@@ -51,7 +51,7 @@ TABLE_COLUMNS = (
     ("clip_frac_seq", "clip frac. seq"),
     ("routing_volatility", "routing volatility"),
     ("collapses", "collapses"),
-    ("wall_s", "wall time (s)"),
+    ("train_time_s", "RL train time (s)"),
 )
 
 
@@ -316,7 +316,7 @@ def format_markdown(report: Mapping, plots: Sequence[str]) -> str:
     lines.append("| arm | " + " | ".join(h for _, h in TABLE_COLUMNS) + " |")
     lines.append("|---" * (len(TABLE_COLUMNS) + 1) + "|")
     for arm, a in report["arms"].items():
-        cells = [_cell(a["summary"].get(k, {}), 1 if k in ("wall_s", "collapses") else 3) for k, _ in TABLE_COLUMNS]
+        cells = [_cell(a["summary"].get(k, {}), 1 if k in ("train_time_s", "collapses") else 3) for k, _ in TABLE_COLUMNS]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", *_statement(report), ""]
     for name in plots:

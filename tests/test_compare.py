@@ -159,12 +159,13 @@ def test_missing_diagnostics_become_notes_and_the_files_are_written(tmp_path):
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["accuracy_reward.png", "clip_fraction.png"]
 
 
-def test_compare_runs_every_arm_and_seed_in_its_own_workdir_and_reuses_finished_runs(tmp_path, monkeypatch):
-    trained = []
+def test_compare_runs_every_arm_and_seed_in_its_own_workdir_from_one_warm_start(tmp_path, monkeypatch):
+    trained, resumed = [], []
 
     def fake_run(cfg):  # writes a run's metrics the way the trainer does, from its config alone
         trained.append((cfg.workdir, cfg.seed, cfg.algo.importance_sampling_level, cfg.algo.eps_low))
-        os.makedirs(cfg.workdir, exist_ok=True)
+        resumed.append(cfg.resume)
+        os.makedirs(os.path.join(cfg.workdir, "checkpoints", "0"), exist_ok=True)
         with open(os.path.join(cfg.workdir, "metrics.jsonl"), "w") as f:
             for step in range(cfg.steps + 1):
                 f.write(json.dumps({"step": step, "eval/accuracy": 0.1 * cfg.seed, "reward/mean": 0.5}) + "\n")
@@ -177,8 +178,11 @@ def test_compare_runs_every_arm_and_seed_in_its_own_workdir_and_reuses_finished_
     has_replay = compare.has_key(base, "algo.routing_replay")
     expected_arms = ["gspo", "grpo"] + (["grpo_replay"] if has_replay else [])
     assert [(w.split("/")[-2], w.split("/")[-1], s) for w, s, _, _ in trained] == [
-        (arm, f"seed{k}", 7 + k) for arm in expected_arms for k in range(2)
+        (arm, f"seed{k}", 7 + k) for k in range(2) for arm in expected_arms
     ]
+    # The first arm of a seed runs the warm start; the others start RL from its step-0 checkpoint.
+    first = str(tmp_path / "gspo" / "seed{}" / "checkpoints" / "0")
+    assert resumed == [r for k in range(2) for r in ["auto"] + [first.format(k)] * (len(expected_arms) - 1)]
     levels = {w.split("/")[-2]: (level, eps) for w, _, level, eps in trained}
     assert levels["gspo"] == ("sequence", base.algo.eps_low) and levels["grpo"] == ("token", 0.2)
     assert report["arms"]["gspo"]["summary"]["eval_final"]["per_seed"] == pytest.approx([0.7, 0.8])
