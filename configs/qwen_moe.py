@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.algo.beta = 0.0  # KL(pi || ref) coefficient (k3); > 0 keeps a frozen reference copy
     c.algo.old_logprobs = "trainer"  # trainer: one extra forward pass | sampler: the sampler's own (sec. 5.4)
     c.algo.max_nonfinite_updates = 3  # stop after this many skipped (NaN/inf) updates in a row
+    # Routing Replay (GSPO paper): updates route every token through the experts the policy chose
+    # before the first update (router weights stay live); meant for the token level, allowed at all.
+    c.algo.routing_replay = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4
@@ -109,6 +112,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.log.num_samples = 4
     c.log.console_every = 25  # one summary line every K steps when stdout is not a terminal
     c.log.tensorboard = True
+    # Diagnostics (BUILD_NOTES.md, "Diagnostics"). Routing volatility costs one forward per update
+    # (two with routing_replay); ratio statistics by completion-length bin cost nothing measurable.
+    c.log.routing_volatility = False
+    c.log.ratio_by_length = True
 
     # Device mesh: sizes multiply to the device count; -1 takes what is left. The batch is split over
     # data x fsdp x expert, parameters per logical axis (sharding.DEFAULT_RULES, overridable in rules).

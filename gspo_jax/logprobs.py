@@ -134,14 +134,17 @@ def completion_logprobs(
     temperature: float,
     chunk: int,
     with_entropy: bool = False,
+    replay_expert_ids=None,
 ):
     """log pi(y_t | x, y_<t) of the last `completion_len` tokens of each row: ([B, N], entropy, stats).
 
     The hidden state at position l predicts token l + 1, so the forward runs over tokens[:, :-1] and
     keeps its last `completion_len` positions. Log-probs use the temperature-scaled distribution the
     sampler drew from, so old and new policies are compared on the same distribution.
+    replay_expert_ids: [L_moe, B, L - 1, k] expert ids to route with (routing replay; the
+    stats.expert_ids of an earlier call on the same tokens), or None.
     """
-    out = model.forward(tokens_bl[:, :-1], valid_bt=valid_bl[:, :-1])
+    out = model.forward(tokens_bl[:, :-1], valid_bt=valid_bl[:, :-1], replay_expert_ids=replay_expert_ids)
     hidden = out.hidden[:, -completion_len:]
     targets = tokens_bl[:, -completion_len:]
     result = token_logprobs_from_hidden(

@@ -94,14 +94,11 @@ def sequence_shape(cfg) -> tuple[int, int, int]:
     )
 
 
-def dispatch_strategy(name: str, platform: str, num_tokens: int) -> str:
-    """moe.resolve_dispatch for a planned platform: "auto" is ragged on accelerators; on CPU tiled up
-    to TILED_MAX_TOKENS tokens, else capacity."""
+def dispatch_strategy(name: str, platform: str) -> str:
+    """moe.resolve_dispatch for a planned platform: "auto" is ragged on accelerators, tiled on CPU."""
     if name != "auto":
         return name
-    if platform != "cpu":
-        return "ragged"
-    return "tiled" if num_tokens <= moe.TILED_MAX_TOKENS else "capacity"
+    return "tiled" if platform == "cpu" else "ragged"
 
 
 def expert_bytes(strategy: str, tokens: int, k: int, experts: int, factor: float, d: int, i: int, c: int) -> float:
@@ -109,10 +106,14 @@ def expert_bytes(strategy: str, tokens: int, k: int, experts: int, factor: float
 
     Each expert row holds its input and output [D] and gate, up, silu(gate) * up [I]. ragged: one row
     per assignment; dense: every expert on every token; capacity: experts * capacity slots plus the
-    tiled inputs and gathered outputs [k * tokens, D]; tiled differentiates as dropless capacity."""
+    tiled inputs and gathered outputs [k * tokens, D]; tiled: its padded expert-sorted rows, keeping
+    input, output, gate and up per row."""
     row = (2 * d + 3 * i) * c
     if strategy == "ragged":
         return tokens * k * row
+    if strategy == "tiled":
+        tile = moe.training_tile_rows(tokens * k, experts)
+        return (-(-tokens * k // tile) + experts) * tile * (2 * d + 2 * i) * c
     if strategy == "dense":
         return experts * tokens * row
     capacity = moe.expert_capacity(tokens, k, experts, factor if strategy == "capacity" else 0.0)
@@ -132,13 +133,13 @@ def moe_bytes(mcfg: ModelConfig, mesh, tokens: int, platform: str) -> float:
     factor = float(mcfg.capacity_factor)
     ways = mesh.shape["expert"]
     if mcfg.expert_parallel != "auto" or ways == 1:
-        strategy = dispatch_strategy(mcfg.moe_dispatch, platform, tokens)
+        strategy = dispatch_strategy(mcfg.moe_dispatch, platform)
         return expert_bytes(strategy, tokens, k, e, factor, d, inner, c)
     local = e // ways
     capacity = moe.expert_capacity(tokens, k, e, factor) if factor > 0 else tokens
     rows = local * capacity if factor > 0 else tokens * min(k, local)
     received = ways * rows
-    strategy = dispatch_strategy(mcfg.moe_dispatch, platform, tokens * k // ways)
+    strategy = dispatch_strategy(mcfg.moe_dispatch, platform)
     room = ways * capacity
     exchange = 4 * received * d * c + 2 * tokens * k * d * c
     return exchange + expert_bytes(strategy, received, 1, local, room * local / received, d, inner, c)

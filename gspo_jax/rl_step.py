@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gspo_jax import losses, metrics, rollout, sharding
+from gspo_jax import diagnostics, losses, metrics, rollout, sharding
 from gspo_jax.data import PromptBatch, widen
 from gspo_jax.optim import make_optimizer
 from gspo_jax.policy import Policy, total_updates, train_state_shardings
@@ -45,6 +45,13 @@ def config_errors(cfg) -> list[str]:
         )
     if a.max_nonfinite_updates < 1:
         errors.append("--config.algo.max_nonfinite_updates: must be >= 1")
+    for key, value in (
+        ("algo.routing_replay", a.routing_replay),
+        ("log.routing_volatility", cfg.log.routing_volatility),
+        ("log.ratio_by_length", cfg.log.ratio_by_length),
+    ):
+        if not isinstance(value, bool):
+            errors.append(f"--config.{key}: {value!r}: use True or False")
     return errors
 
 
@@ -82,6 +89,13 @@ class RLStep:
             make_train_fn(policy.graphdef, self.optimizer, self.settings, state_shardings)
         )
         self.score_fn = on_mesh(make_score_fn(policy.graphdef, self.settings))
+        if self.settings.routing_replay:
+            if not any(policy.config.is_moe_layer(i) for i in range(policy.config.num_hidden_layers)):
+                raise ValueError("algo.routing_replay needs a MoE policy; set it to False for a dense model")
+            # The old-policy forward that also returns its expert ids (for the replayed update).
+            self.score_with_ids_fn = on_mesh(
+                make_score_fn(policy.graphdef, self.settings, with_expert_ids=True)
+            )
         rollout_dtype = jnp.dtype(cfg.model.rollout_dtype or cfg.model.param_dtype)
         self.cast_for_rollout = jax.jit(
             lambda p: _cast_params(p, rollout_dtype), out_shardings=state_shardings.params
@@ -128,11 +142,18 @@ class RLStep:
         longest = sharding.max_over_hosts(scored.lengths.max())  # every host trains the same global width
         width = rollout.completion_bucket(longest, cfg.rollout.max_new_tokens)
         layout = rollout.training_layout(prompt_ids, prompt_mask, out, self.group, width)
-        if cfg.algo.old_logprobs == "trainer":
+        expert_ids = None
+        if self.settings.routing_replay:
+            # The policy before the first update routes the batch once: its log-probs are pi_old's
+            # with old_logprobs=trainer, and its expert ids are what the updates replay.
+            old_logp_bc, expert_ids = self.score_with_ids_fn(
+                state.params, layout.tokens_bt, layout.valid_bt, layout.completion_mask_bc
+            )
+        elif cfg.algo.old_logprobs == "trainer":
             old_logp_bc = self.score_fn(
                 state.params, layout.tokens_bt, layout.valid_bt, layout.completion_mask_bc
             )
-        else:
+        if cfg.algo.old_logprobs == "sampler":
             old_logp_bc = layout.sampler_logp_bc
         ref_logp_bc = (
             self.score_fn(ref_params, layout.tokens_bt, layout.valid_bt, layout.completion_mask_bc)
@@ -147,6 +168,7 @@ class RLStep:
             old_logp=old_logp_bc,
             sampler_logp=layout.sampler_logp_bc,
             ref_logp=ref_logp_bc,
+            expert_ids=expert_ids,
         )
         state, update_metrics = self.train_fn(state, rollout_batch, train_key)
         update_metrics = jax.device_get(update_metrics)
@@ -160,7 +182,7 @@ class RLStep:
                 for k, v in jax.device_get(adv_metrics).items()
             }
         )
-        row.update(summarize_updates(update_metrics))
+        row.update(summarize_updates(update_metrics, self.settings.ratio_length_edges))
         row.update(
             {
                 "tokens_per_s": generated / (t_end - t_start),
@@ -176,11 +198,14 @@ class RLStep:
         return state, StepResult(row, scored, skipped)
 
 
-def summarize_updates(m: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Means over all updates, plus per-minibatch-index series of the metrics that show off-policy drift."""
-    row: dict[str, Any] = {}
+def summarize_updates(m: dict[str, np.ndarray], length_edges: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Means over all updates, plus per-minibatch-index series of the metrics that show off-policy drift;
+    ratio-by-length bins (upper edges `length_edges`) pooled over the updates."""
+    row: dict[str, Any] = diagnostics.combine_length_bins(m, length_edges)
     for key, value in m.items():
         value = np.asarray(value)  # [iterations, minibatches, ...]
+        if key.startswith("ratio_len/"):
+            continue
         if key == "moe/expert_load":
             row.update(metrics.expert_load_metrics(value.mean(axis=(0, 1))))
         else:

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gspo_jax import losses
+from gspo_jax import diagnostics, losses
 from gspo_jax.logprobs import completion_logprobs
 from gspo_jax.models.moe import load_balancing_loss
 from gspo_jax.sharding import BATCH_AXES
@@ -28,7 +28,8 @@ from gspo_jax.sharding import BATCH_AXES
 @dataclasses.dataclass
 class RolloutBatch:
     """tokens/valid: [B, T]; completion_mask, old_logp, sampler_logp, ref_logp: [B, C];
-    advantages: [B] (one per sequence)."""
+    advantages: [B] (one per sequence); expert_ids: [B, L_moe, T - 1, k] int32, the old policy's
+    expert choices over tokens[:, :-1] (routing replay), or None."""
 
     tokens: jax.Array
     valid: jax.Array
@@ -37,6 +38,7 @@ class RolloutBatch:
     old_logp: jax.Array
     sampler_logp: jax.Array
     ref_logp: jax.Array
+    expert_ids: jax.Array | None = None
 
     @property
     def completion_len(self) -> int:
@@ -67,6 +69,9 @@ class UpdateSettings:
     logprob_chunk: int
     minibatches: int
     iterations: int
+    routing_replay: bool = False
+    routing_volatility: bool = False
+    ratio_length_edges: tuple[int, ...] = ()  # upper edges of the ratio-by-length bins; () = off
 
     @classmethod
     def from_config(cls, cfg, router_aux_loss_coef: float) -> UpdateSettings:
@@ -83,6 +88,11 @@ class UpdateSettings:
             logprob_chunk=cfg.model.logprob_chunk,
             minibatches=cfg.algo.minibatches,
             iterations=cfg.algo.iterations,
+            routing_replay=cfg.algo.routing_replay,
+            routing_volatility=cfg.log.routing_volatility,
+            ratio_length_edges=(
+                diagnostics.length_bin_edges(cfg.rollout.max_new_tokens) if cfg.log.ratio_by_length else ()
+            ),
         )
 
 
@@ -91,15 +101,17 @@ def _minibatches(tree, num: int):
     return jax.tree.map(lambda x: x.reshape(num, x.shape[0] // num, *x.shape[1:]), tree)
 
 
-def make_score_fn(graphdef, settings: UpdateSettings) -> Callable:
-    """jit(params, tokens, valid, completion_mask) -> log-probs [B, C], in minibatch-sized chunks."""
+def make_score_fn(graphdef, settings: UpdateSettings, with_expert_ids: bool = False) -> Callable:
+    """jit(params, tokens, valid, completion_mask) -> log-probs [B, C], in minibatch-sized chunks;
+    with_expert_ids: (log-probs, expert ids [B, L_moe, T - 1, k] the forward routed with), which
+    routing replay reuses (the forward computes them anyway)."""
 
     def score(params, tokens, valid, completion_mask):
         model = nnx.merge(graphdef, params)
 
         def one(chunk):
             t, v = chunk
-            logp, _, _ = completion_logprobs(
+            logp, _, stats = completion_logprobs(
                 model,
                 t,
                 v,
@@ -107,12 +119,21 @@ def make_score_fn(graphdef, settings: UpdateSettings) -> Callable:
                 temperature=settings.temperature,
                 chunk=settings.logprob_chunk,
             )
-            return logp
+            return (logp, jnp.swapaxes(stats.expert_ids, 0, 1)) if with_expert_ids else logp
 
-        logp = jax.lax.map(one, _minibatches((tokens, valid), settings.minibatches))
-        return logp.reshape(completion_mask.shape) * completion_mask
+        out = jax.lax.map(one, _minibatches((tokens, valid), settings.minibatches))
+        logp, ids = out if with_expert_ids else (out, None)
+        logp = logp.reshape(completion_mask.shape) * completion_mask
+        if not with_expert_ids:
+            return logp
+        return logp, ids.reshape(tokens.shape[0], *ids.shape[2:])
 
     return jax.jit(score)
+
+
+def _routed_ids(model, mb: RolloutBatch):
+    """[L_moe, b, T - 1, k] the experts `model` routes mb's tokens to (the log-prob forward's inputs)."""
+    return model.forward(mb.tokens[:, :-1], valid_bt=mb.valid[:, :-1]).router_stats.expert_ids
 
 
 def make_train_fn(
@@ -126,6 +147,13 @@ def make_train_fn(
 
     def loss_fn(params, mb: RolloutBatch):
         model = nnx.merge(graphdef, params)
+        replay_ids = None
+        if settings.routing_replay:
+            if mb.expert_ids is None:
+                raise ValueError(
+                    "routing_replay needs the old policy's expert ids in RolloutBatch.expert_ids"
+                )
+            replay_ids = jnp.swapaxes(mb.expert_ids, 0, 1)  # [L_moe, b, T - 1, k]
         logp, entropy, stats = completion_logprobs(
             model,
             mb.tokens,
@@ -134,6 +162,7 @@ def make_train_fn(
             temperature=settings.temperature,
             chunk=settings.logprob_chunk,
             with_entropy=True,
+            replay_expert_ids=replay_ids,
         )
         mask = mb.completion_mask
         loss, metrics = losses.policy_loss(
@@ -153,16 +182,36 @@ def make_train_fn(
         metrics["moe/aux_loss"] = aux
         metrics["entropy"] = losses.token_mean(entropy, mask)
         metrics |= losses.logprob_gap_metrics(logp, mb.sampler_logp, mask)
+        if settings.ratio_length_edges:
+            metrics |= diagnostics.ratio_by_length(logp, mb.old_logp, mask, settings.ratio_length_edges)
+        routed_ids = None
         if stats is not None:
             counts = stats.expert_counts  # [MoE layers, E]
             metrics["moe/expert_load"] = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
             metrics["moe/dropped_frac"] = jnp.sum(stats.dropped) / jnp.maximum(jnp.sum(counts), 1.0)
-        return loss + settings.aux_loss_coef * aux, metrics
+            routed_ids = stats.expert_ids
+        if replay_ids is not None:
+            # What the replayed forward routed with against the old policy's choices: 0 unless the
+            # replay failed to reach a layer.
+            valid = mb.valid[:, :-1]
+            metrics["routing/replay_volatility"] = jnp.mean(
+                diagnostics.routing_volatility(replay_ids, routed_ids, valid)
+            )
+        return loss + settings.aux_loss_coef * aux, (metrics, routed_ids)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    def volatility(params_before, params_after, routed_ids, mb: RolloutBatch):
+        """Routing volatility of one update over mb's tokens: the training forward's own routing is
+        the "before" one unless it was replayed; one more forward (two with replay) without grads."""
+        before = routed_ids
+        if settings.routing_replay:
+            before = _routed_ids(nnx.merge(graphdef, params_before), mb)
+        after = _routed_ids(nnx.merge(graphdef, params_after), mb)
+        return diagnostics.volatility_metrics(before, after, mb.valid[:, :-1])
+
     def update(state: TrainState, mb: RolloutBatch):
-        (total, metrics), grads = grad_fn(state.params, mb)
+        (total, (metrics, routed_ids)), grads = grad_fn(state.params, mb)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -174,6 +223,8 @@ def make_train_fn(
             step=state.step + finite.astype(state.step.dtype),
         )
         metrics |= {"loss": total, "grad_norm": grad_norm, "update_skipped": (~finite).astype(jnp.float32)}
+        if settings.routing_volatility and routed_ids is not None:
+            metrics |= volatility(state.params, new_state.params, routed_ids, mb)
         return new_state, metrics
 
     def rows_split(minibatches: RolloutBatch) -> RolloutBatch:

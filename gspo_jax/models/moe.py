@@ -9,7 +9,7 @@ agree exactly when nothing is dropped:
   tiled     a loop over the chosen experts only, each one's weights sliced once and its assignments
             (sorted by expert) run in row tiles, so an expert no token chose is never read (dropless;
             the CPU decode path, where reading weights dominates);
-  auto      ragged off CPU; on CPU tiled up to TILED_MAX_TOKENS tokens (decode, prefill), else capacity.
+  auto      ragged off CPU, tiled on CPU (decode, prefill and training: measured fastest there).
 
 Expert parallelism (`expert_parallel_dispatch`, on by default wherever it applies): when the mesh
 context (sharding.use_mesh) splits the experts over a mesh axis of size > 1 and the batch rows over
@@ -46,13 +46,16 @@ class RouterStats:
     with a leading [L] dimension on every field (what the model's forward returns).
 
     expert_counts: [E] top-k assignments per expert; prob_sum: [E] summed router probabilities;
-    tokens: scalar count of real tokens; dropped: scalar count of assignments dropped by capacity.
+    tokens: scalar count of real tokens; dropped: scalar count of assignments dropped by capacity;
+    expert_ids: [B, T, k] int32, the experts each position was routed to (padding included), which
+    routing replay feeds back and the routing-volatility diagnostic compares.
     """
 
     expert_counts: jax.Array
     prob_sum: jax.Array
     tokens: jax.Array
     dropped: jax.Array
+    expert_ids: jax.Array
 
 
 def _top_k_ids(probs_te, k: int):
@@ -68,14 +71,21 @@ def _top_k_ids(probs_te, k: int):
     return jnp.stack(ids, axis=-1).astype(jnp.int32)
 
 
-def route(x_td, router_de, top_k: int, norm_topk_prob: bool):
-    """Router probabilities [T, E] (fp32 softmax over all experts), top-k ids [T, k] and weights [T, k]."""
+def route(x_td, router_de, top_k: int, norm_topk_prob: bool, replay_ids_tk=None):
+    """Router probabilities [T, E] (fp32 softmax over all experts), top-k ids [T, k] and weights [T, k].
+
+    replay_ids_tk: [T, k] int32 expert choices to use instead of this router's top-k (routing replay);
+    the weights are still the current probabilities at those ids, so the router keeps its gradient.
+    """
     # Tokens (flattened batch rows) stay split like the batch, so top-k runs where its rows are, and
     # x's cotangent keeps x's layout (else it takes the FSDP-split router's and is resharded).
     x_td = sharding.constrain(x_td, ("batch", "embed"))
     logits = sharding.constrain(x_td @ router_de.astype(x_td.dtype), ("batch", None))
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    ids = _top_k_ids(jax.lax.stop_gradient(probs), top_k)
+    if replay_ids_tk is None:
+        ids = _top_k_ids(jax.lax.stop_gradient(probs), top_k)
+    else:
+        ids = sharding.constrain(replay_ids_tk.astype(jnp.int32), ("batch", None))
     weights = jnp.einsum("te,tke->tk", probs, jax.nn.one_hot(ids, probs.shape[-1], dtype=probs.dtype))
     if norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
@@ -159,11 +169,6 @@ def ragged_dispatch(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_ei
     return y, jnp.zeros((), jnp.float32)
 
 
-# "auto" on CPU uses tiled for calls of up to this many tokens: measured 3-5x faster than dropless
-# capacity from 256 to 8192 tokens (decode steps are faster still); larger calls are untested.
-TILED_MAX_TOKENS = 1 << 16
-
-
 def tile_rows(num_assignments: int, num_experts: int) -> int:
     """Rows per tile: the power of two at or above the mean assignments per expert, in [4, 256]."""
     mean = max(1, -(-num_assignments // num_experts))
@@ -218,25 +223,185 @@ def _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid
     return jax.lax.fori_loop(0, jnp.sum(sizes_e > 0), one_expert, jnp.zeros_like(x_td))
 
 
+def training_tile_rows(num_assignments: int, num_experts: int) -> int:
+    """Rows per tile of the differentiated tiled dispatch: the power of two at or below half the mean
+    assignments per expert, in [32, 256]. Each expert's run is padded to whole tiles (about a quarter
+    of the rows at most sizes); smaller tiles pad less but pay more per-tile overhead (measured: 128
+    rows fastest at the bench's small shape, 64 and 256 slower)."""
+    half = max(1, num_assignments // (2 * num_experts))
+    return min(256, max(32, 1 << (half.bit_length() - 1)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TileLayout:
+    """Assignments sorted by expert into row tiles, each expert's run padded to whole tiles.
+
+    R = tiles * tile rows. token_r [R]: the token a row reads (0 on padding); assignment_r [R]: its
+    assignment a = t * k + j (A on padding); first_tile_e, tiles_e [E]: where each expert's tiles start
+    and how many it has; chosen: the experts with tiles first (in id order); num_chosen: how many.
+    """
+
+    token_r: jax.Array
+    assignment_r: jax.Array
+    first_tile_e: jax.Array
+    tiles_e: jax.Array
+    chosen: jax.Array
+    num_chosen: jax.Array
+
+
+def tile_layout(ids_tk, valid_t, num_experts: int, tile: int) -> TileLayout:
+    """The TileLayout of the valid tokens' assignments (padding tokens take no rows)."""
+    t, k = ids_tk.shape
+    num_assignments = t * k
+    tiles = -(-num_assignments // tile) + num_experts  # padding adds less than one tile per expert
+    key_a = jnp.where(jnp.repeat(valid_t, k), ids_tk.reshape(-1), num_experts)
+    sizes_e = jnp.bincount(key_a, length=num_experts + 1)[:num_experts]
+    tiles_e = -(-sizes_e // tile)
+    first_tile_e = jnp.cumsum(tiles_e) - tiles_e
+    order_a = jnp.argsort(key_a, stable=True)
+    sorted_key = key_a[order_a]
+    run_start = jnp.concatenate([jnp.zeros(1, sizes_e.dtype), jnp.cumsum(sizes_e)])[sorted_key]
+    first_row = jnp.concatenate([first_tile_e * tile, jnp.zeros(1, tiles_e.dtype)])[sorted_key]
+    row_sorted = jnp.where(
+        sorted_key < num_experts, first_row + jnp.arange(num_assignments) - run_start, tiles * tile
+    )
+    assignment_r = jnp.full(tiles * tile, num_assignments, jnp.int32).at[row_sorted].set(
+        order_a.astype(jnp.int32), mode="drop"
+    )
+    return TileLayout(
+        token_r=jnp.minimum(assignment_r, num_assignments - 1) // k,
+        assignment_r=assignment_r,
+        first_tile_e=first_tile_e,
+        tiles_e=tiles_e,
+        chosen=jnp.argsort(tiles_e == 0, stable=True),
+        num_chosen=jnp.sum(tiles_e > 0),
+    )
+
+
+def _over_tiles(layout: TileLayout, per_expert, carry):
+    """fori over the chosen experts: per_expert(expert, first_tile, num_tiles, carry) -> carry."""
+
+    def one_expert(i, carry):
+        expert = layout.chosen[i]
+        return per_expert(expert, layout.first_tile_e[expert], layout.tiles_e[expert], carry)
+
+    return jax.lax.fori_loop(0, layout.num_chosen, one_expert, carry)
+
+
+def _tile_weights(gate_edi, up_edi, down_eid, expert, dtype):
+    return tuple(expert_weight(w, expert, dtype) for w in (gate_edi, up_edi, down_eid))
+
+
+def _tiled_train_forward(x_td, weights_tk, gate_edi, up_edi, down_eid, layout: TileLayout, tile: int):
+    """(y [T, D], gate and up pre-activations [R, I] of every row); each chosen expert's weights are
+    sliced once and its tiles run in an inner loop."""
+    num_assignments = weights_tk.size
+    live_r = layout.assignment_r < num_assignments
+    x_r = x_td[layout.token_r]
+    w_r = jnp.where(live_r, weights_tk.reshape(-1)[jnp.minimum(layout.assignment_r, num_assignments - 1)], 0)
+
+    def per_expert(expert, first, count, carry):
+        gate, up, down = _tile_weights(gate_edi, up_edi, down_eid, expert, x_td.dtype)
+
+        def one_tile(n, carry):
+            y_r, g_r, u_r = carry
+            x = jax.lax.dynamic_slice_in_dim(x_r, n * tile, tile)
+            g, u = x @ gate, x @ up
+            put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, n * tile, 0)
+            return put(y_r, (jax.nn.silu(g) * u) @ down), put(g_r, g), put(u_r, u)
+
+        return jax.lax.fori_loop(first, first + count, one_tile, carry)
+
+    # Carries are zeros "like" the rows: under shard_map they then vary over the rows' mesh axes.
+    inner = gate_edi.shape[-1]
+    init = (jnp.zeros_like(x_r), *(jnp.zeros_like(x_r, shape=(x_r.shape[0], inner)) for _ in range(2)))
+    y_r, g_r, u_r = _over_tiles(layout, per_expert, init)
+    y_td = jnp.zeros_like(x_td).at[layout.token_r].add(y_r * w_r[:, None].astype(x_td.dtype))
+    return y_td, (g_r, u_r, w_r)
+
+
+def _tiled_train_backward(x_td, weights_tk, gate_edi, up_edi, down_eid, layout, tile, g_r, u_r, w_r, dy_td):
+    """Cotangents (x, weights, gate, up, down): six matmuls per tile; each chosen expert's weight
+    gradients are summed over its tiles in the inner loop's carry and written once."""
+    num_assignments = weights_tk.size
+    x_r = x_td[layout.token_r]
+    dy_r = dy_td[layout.token_r] * (layout.assignment_r < num_assignments)[:, None].astype(dy_td.dtype)
+    like_rows = lambda shape, dtype: jnp.zeros_like(x_r, shape=shape, dtype=dtype)
+    acc = jnp.float32
+
+    def per_expert(expert, first, count, carry):
+        gate, up, down = _tile_weights(gate_edi, up_edi, down_eid, expert, x_td.dtype)
+
+        def one_tile(n, carry):
+            dx_r, dw_r, dgate, dup, ddown = carry
+            take = lambda v: jax.lax.dynamic_slice_in_dim(v, n * tile, tile)
+            x, g, u, w, dy = take(x_r), take(g_r), take(u_r), take(w_r)[:, None], take(dy_r)
+            sig = jax.nn.sigmoid(g)
+            act = g * sig
+            h = act * u
+            dz = dy @ down.T  # d(unweighted expert output) @ down^T
+            dh = w * dz
+            du = dh * act
+            dg = dh * u * sig * (1 + g * (1 - sig))
+            put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, n * tile, 0)
+            return (
+                put(dx_r, dg @ gate.T + du @ up.T),
+                put(dw_r, jnp.sum(dz * h, axis=-1)),
+                dgate + (x.T @ dg).astype(acc),
+                dup + (x.T @ du).astype(acc),
+                ddown + (h.T @ (w * dy)).astype(acc),
+            )
+
+        dx_r, dw_r, *sums = carry
+        local = tuple(like_rows(w.shape[1:], acc) for w in (gate_edi, up_edi, down_eid))
+        dx_r, dw_r, *local = jax.lax.fori_loop(first, first + count, one_tile, (dx_r, dw_r, *local))
+        return dx_r, dw_r, *(jax.lax.dynamic_update_index_in_dim(s, v, expert, 0) for s, v in zip(sums, local))
+
+    carry = (
+        jnp.zeros_like(x_r),
+        like_rows(x_r.shape[:1], x_td.dtype),
+        *(like_rows(w.shape, acc) for w in (gate_edi, up_edi, down_eid)),
+    )
+    dx_r, dw_r, dgate, dup, ddown = _over_tiles(layout, per_expert, carry)
+    dx_td = jnp.zeros_like(x_td).at[layout.token_r].add(dx_r)
+    dweights = like_rows((num_assignments,), dw_r.dtype).at[layout.assignment_r].set(dw_r, mode="drop")
+    # Under shard_map the sums above vary over the rows' mesh axes; an input that varies over fewer
+    # (the experts' weights, replicated weights_tk) takes its cotangent summed over the rest, which
+    # is the transpose of widening it to the rows' type.
+    widen = lambda *inputs: tuple(v + like_rows(v.shape, v.dtype) for v in inputs)
+    _, narrow = jax.vjp(widen, weights_tk, gate_edi, up_edi, down_eid)
+    return dx_td, *narrow(
+        (
+            dweights.reshape(weights_tk.shape).astype(weights_tk.dtype),
+            dgate.astype(gate_edi.dtype),
+            dup.astype(up_edi.dtype),
+            ddown.astype(down_eid.dtype),
+        )
+    )
+
+
 @jax.custom_vjp
 def _tiled_moe(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid):
     return _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid)
 
 
 def _tiled_moe_fwd(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid):
-    """Under differentiation the same function runs as dropless capacity, which keeps what its
-    backward pass needs (cheaper than the tiled forward plus a recomputation)."""
-
-    def same_function(x_td, weights_tk, gate_edi, up_edi, down_eid):
-        return capacity_dispatch(
-            x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, capacity_factor=0.0
-        )[0]
-
-    return jax.vjp(same_function, x_td, weights_tk, gate_edi, up_edi, down_eid)
+    """Under differentiation: tiles of the expert-sorted assignments (each expert's run padded to
+    whole tiles, so a tile has one expert), keeping each row's gate and up pre-activations: memory
+    and work grow with the routed assignments, never with experts x tokens."""
+    tile = training_tile_rows(ids_tk.size, gate_edi.shape[0])
+    layout = tile_layout(ids_tk, valid_t, gate_edi.shape[0], tile)
+    y_td, (g_r, u_r, w_r) = _tiled_train_forward(x_td, weights_tk, gate_edi, up_edi, down_eid, layout, tile)
+    return y_td, (x_td, weights_tk, gate_edi, up_edi, down_eid, layout, g_r, u_r, w_r)
 
 
-def _tiled_moe_bwd(capacity_vjp, dy_td):
-    dx, dweights, dgate, dup, ddown = capacity_vjp(dy_td)
+def _tiled_moe_bwd(residuals, dy_td):
+    x_td, weights_tk, gate_edi, up_edi, down_eid, layout, g_r, u_r, w_r = residuals
+    tile = training_tile_rows(weights_tk.size, gate_edi.shape[0])
+    dx, dweights, dgate, dup, ddown = _tiled_train_backward(
+        x_td, weights_tk, gate_edi, up_edi, down_eid, layout, tile, g_r, u_r, w_r, dy_td
+    )
     return dx, None, dweights, None, dgate, dup, ddown
 
 
@@ -250,8 +415,8 @@ def tiled_dispatch(
     assignments (sorted by expert) run through SwiGLU in tiles of `tile_rows` rows.
 
     An expert no real token chose is never read, which is what a decode step on CPU is bound by.
-    Loop bounds depend on the routing, so under differentiation the same function runs as dropless
-    capacity (a custom VJP). With `layer`, the weights are whole [L, E, ...] stacks and each chosen
+    Loop bounds depend on the routing, so differentiation goes through a custom VJP: padded
+    expert-sorted row tiles forward and backward (`tile_layout`), work and memory in routed rows. With `layer`, the weights are whole [L, E, ...] stacks and each chosen
     expert is sliced straight from them (a forward-only path: decode and prefill).
     Returns (y [T, D], dropped=0).
     """
@@ -271,12 +436,10 @@ DISPATCH_STRATEGIES = {
 }
 
 
-def resolve_dispatch(name: str, num_tokens: int | None = None) -> str:
-    """Maps "auto" to the strategy that is fast on the current backend (and token count, if given)."""
+def resolve_dispatch(name: str) -> str:
+    """Maps "auto" to the strategy that is fast on the current backend."""
     if name == "auto":
-        if jax.default_backend() != "cpu":
-            return "ragged"
-        return "tiled" if num_tokens is not None and num_tokens <= TILED_MAX_TOKENS else "capacity"
+        return "tiled" if jax.default_backend() == "cpu" else "ragged"
     if name not in DISPATCH_STRATEGIES:
         raise ValueError(f"moe_dispatch={name!r}: use one of auto, {', '.join(DISPATCH_STRATEGIES)}")
     return name
@@ -464,16 +627,20 @@ class MoeBlock(nnx.Module):
             )
             self.shared_expert_gate = param(rngs, init, (d, 1), pdt, ("embed", None))
 
-    def __call__(self, x_btd, valid_bt, layer=None):
+    def __call__(self, x_btd, valid_bt, layer=None, replay_ids_btk=None):
         """Returns (y [B, T, D], RouterStats of this layer).
 
         layer: None, or this layer's index when the expert weights are whole [L, E, ...] stacks (the
         decoder's cache path); the tiled dispatch then slices (layer, expert) inside its loop.
+        replay_ids_btk: None, or [B, T, k] expert ids to route with instead of the router's top-k.
         """
         b, t, d = x_btd.shape
         x_td = x_btd.reshape(b * t, d)
         valid_t = valid_bt.reshape(b * t)
-        probs_te, ids_tk, weights_tk = route(x_td, self.router.value, self.top_k, self.norm_topk_prob)
+        replay_ids_tk = None if replay_ids_btk is None else replay_ids_btk.reshape(b * t, -1)
+        probs_te, ids_tk, weights_tk = route(
+            x_td, self.router.value, self.top_k, self.norm_topk_prob, replay_ids_tk
+        )
         # Weights go in as stored: each strategy casts them to x's dtype where it reads them. On the
         # cache path they arrive as whole [L, E, ...] stacks with this layer's index.
         experts = (self.gate_proj.value, self.up_proj.value, self.down_proj.value)
@@ -492,11 +659,11 @@ class MoeBlock(nnx.Module):
                 *sliced,
                 layout=layout,
                 capacity_factor=self.capacity_factor,
-                inner=resolve_dispatch(self.dispatch, b * t * self.top_k // layout.ways),
+                inner=resolve_dispatch(self.dispatch),
             )
             y_td = y_btd.reshape(b * t, d)
         else:
-            strategy = resolve_dispatch(self.dispatch, b * t)
+            strategy = resolve_dispatch(self.dispatch)
             # tiled slices (layer, expert) inside its loop, so a stack is never copied per layer
             args, extra = (
                 (experts, {"layer": layer}) if layer is not None and strategy == "tiled" else (sliced, {})
@@ -515,6 +682,7 @@ class MoeBlock(nnx.Module):
             prob_sum=jnp.einsum("te,t->e", probs_te, mask_t),
             tokens=jnp.sum(mask_t),
             dropped=dropped,
+            expert_ids=ids_tk.reshape(b, t, -1),
         )
         return y_td.reshape(b, t, d), stats
 

@@ -25,7 +25,8 @@ from gspo_jax.models.moe import MoeBlock, RouterStats, load_balancing_loss
 @dataclasses.dataclass
 class DecoderOutput:
     """hidden: [B, T, D] final-normed hidden states; cache: the updated KVCache or None;
-    router_stats: RouterStats stacked over the MoE layers ([L_moe, E], ...), None for a dense model."""
+    router_stats: RouterStats stacked over the MoE layers ([L_moe, E], ..., expert_ids [L_moe, B, T, k]),
+    None for a dense model."""
 
     hidden: jax.Array
     cache: KVCache | None
@@ -77,8 +78,12 @@ class DecoderLayer(nnx.Module):
                 rngs=rngs,
             )
 
-    def __call__(self, h_btd, pos_bt, valid_bt, cache=None, cache_start=None, layer=None):
-        """One layer: (h [B, T, D], cache with `layer`'s slice updated (or None), RouterStats or None)."""
+    def __call__(
+        self, h_btd, pos_bt, valid_bt, cache=None, cache_start=None, layer=None, replay_ids_btk=None
+    ):
+        """One layer: (h [B, T, D], cache with `layer`'s slice updated (or None), RouterStats or None).
+
+        replay_ids_btk: [B, T, k] expert ids for a MoE layer to route with (routing replay), or None."""
         # The residual stream keeps one layout at layer boundaries (sharding.ACTIVATION_RULES), so
         # the collectives around each layer are the same for every layer and predictable.
         h_btd = sharding.constrain(h_btd, RESIDUAL_AXES)
@@ -90,7 +95,7 @@ class DecoderLayer(nnx.Module):
         stats = None
         if self.is_moe:
             # With a cache the expert weights arrive as whole stacks (see _scan_layers).
-            mlp_out, stats = self.mlp(normed, valid_bt, None if cache is None else layer)
+            mlp_out, stats = self.mlp(normed, valid_bt, None if cache is None else layer, replay_ids_btk)
         else:
             mlp_out = self.mlp(normed)
         return sharding.constrain(h_btd + mlp_out, RESIDUAL_AXES), cache, stats
@@ -136,13 +141,23 @@ class QwenMoeForCausalLM(nnx.Module):
         return self.logits(out.hidden)
 
     def forward(
-        self, input_ids_bt, *, valid_bt=None, positions_bt=None, cache=None, cache_start=None
+        self,
+        input_ids_bt,
+        *,
+        valid_bt=None,
+        positions_bt=None,
+        cache=None,
+        cache_start=None,
+        replay_expert_ids=None,
     ) -> DecoderOutput:
         """Runs the decoder.
 
         valid_bt: [B, T] 1 for real tokens, 0 for padding (default all real); positions_bt default to
         the running count of real tokens. With `cache` (from init_cache), the T tokens are written at
         slots [cache_start, cache_start + T) and attend to everything cached so far.
+        replay_expert_ids: [L_moe, B, T, k] int32 expert choices (router_stats.expert_ids of an earlier
+        forward over the same tokens) that every MoE layer routes with instead of its own top-k: the
+        GSPO paper's Routing Replay. Combine weights still come from the current router.
         """
         if valid_bt is None:
             valid_bt = jnp.ones(input_ids_bt.shape, bool)
@@ -152,19 +167,42 @@ class QwenMoeForCausalLM(nnx.Module):
         h = self.embed_tokens.value[input_ids_bt].astype(self.dtype)
         if cache is not None:
             cache = cache.write_slots(cache_start, valid_bt, positions_bt)
+        replay_runs = self._split_replay_ids(replay_expert_ids, input_ids_bt.shape)
         stats = []
-        for (first, _), stack in zip(self.runs, self.layers):
+        for (first, _), stack, replay in zip(self.runs, self.layers, replay_runs):
             h, cache, run_stats = self._scan_layers(
-                stack, first, h, positions_bt, valid_bt, cache, cache_start
+                stack, first, h, positions_bt, valid_bt, cache, cache_start, replay
             )
             if run_stats is not None:
                 stats.append(run_stats)
         router_stats = jax.tree.map(lambda *s: jnp.concatenate(s), *stats) if stats else None
         return DecoderOutput(hidden=self.norm(h), cache=cache, router_stats=router_stats)
 
-    def _scan_layers(self, stack, first, h_btd, pos_bt, valid_bt, cache, cache_start):
+    def _split_replay_ids(self, ids_lbtk, tokens_shape) -> list:
+        """[L_moe, B, T, k] replay ids -> one [count, B, T, k] slice per run (None for dense runs)."""
+        if ids_lbtk is None:
+            return [None] * len(self.runs)
+        cfg = self.config
+        moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+        expected = (moe_layers, *tokens_shape, cfg.num_experts_per_tok)
+        if tuple(ids_lbtk.shape) != expected:
+            raise ValueError(
+                f"replay_expert_ids has shape {tuple(ids_lbtk.shape)}; expected {expected} "
+                "([MoE layers, B, T, k]): pass router_stats.expert_ids of a forward over the same tokens"
+            )
+        slices, used = [], 0
+        for first, count in self.runs:
+            if cfg.is_moe_layer(first):
+                slices.append(ids_lbtk[used : used + count])
+                used += count
+            else:
+                slices.append(None)
+        return slices
+
+    def _scan_layers(self, stack, first, h_btd, pos_bt, valid_bt, cache, cache_start, replay_ids=None):
         """Runs one stack of layers with lax.scan: (h, cache) is the carry, each step takes one layer's
-        parameters and index; returns (h, cache, RouterStats stacked over the run or None)."""
+        parameters and index (and its [B, T, k] replay ids, if any); returns (h, cache, RouterStats
+        stacked over the run or None)."""
         graphdef, params = nnx.split(stack)
         count = jax.tree.leaves(params)[0].shape[0]
         # On the cache path (never differentiated) the expert stacks [L, E, ...] go in whole and the
@@ -179,9 +217,9 @@ class QwenMoeForCausalLM(nnx.Module):
 
         def one_layer(carry, layer_params_and_index):
             h_btd, cache = carry
-            layer_params, layer = layer_params_and_index
+            layer_params, layer, replay_btk = layer_params_and_index
             layer_module = nnx.merge(graphdef, layer_params, whole)
-            h_btd, cache, stats = layer_module(h_btd, pos_bt, valid_bt, cache, cache_start, layer)
+            h_btd, cache, stats = layer_module(h_btd, pos_bt, valid_bt, cache, cache_start, layer, replay_btk)
             return (h_btd, cache), stats
 
         # With remat, a layer's activations are recomputed in the backward pass instead of stored
@@ -190,7 +228,7 @@ class QwenMoeForCausalLM(nnx.Module):
             policy = getattr(jax.checkpoint_policies, self.config.remat_policy)
             one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)
         layers = jnp.arange(first, first + count, dtype=jnp.int32)
-        (h_btd, cache), stats = jax.lax.scan(one_layer, (h_btd, cache), (params, layers))
+        (h_btd, cache), stats = jax.lax.scan(one_layer, (h_btd, cache), (params, layers, replay_ids))
         return h_btd, cache, stats
 
     def lm_head_weight(self):
