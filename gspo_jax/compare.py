@@ -11,7 +11,8 @@ Arms (same seeds, data, warm start and step budget; only these keys differ):
   grpo_replay   grpo + algo.routing_replay=True (the paper's Routing Replay); a build whose config has
                 no algo.routing_replay key reports this arm as not run.
 
-Setups (SETUPS) set the task and the budget for the built-in tiny policy: `cpu` (default), `quick`
+The routing-volatility and ratio-by-length diagnostics are switched on (DIAGNOSTICS). Setups (SETUPS)
+set the task and the budget for the built-in tiny policy: `cpu` (default), `quick`
 (--quick) and `large`. A key given as --config.key=value wins over the setup. A config that loads a
 checkpoint (model.hf_path) or reads a prompt file (data.path) keeps its own task and budget.
 
@@ -105,6 +106,8 @@ SETUPS: dict[str, dict[str, Any]] = {
         "warmstart.eval_every": 250,
     },
 }
+# Switched on for every config that has them (a comparison is a measurement): one forward per update.
+DIAGNOSTICS = {"log.routing_volatility": True, "log.ratio_by_length": True}
 _TASK_OPTIONS = ("data.task_kwargs", "reward.fns")  # follow data.task
 RUN_FILE = "compare_run.json"  # beside a finished run's metrics.jsonl: its wall time and outcome
 
@@ -141,13 +144,17 @@ def has_key(cfg, dotted: str) -> bool:
 
 
 def apply_setup(cfg, setup: str, user_keys: set[str]) -> list[str]:
-    """Applies SETUPS[setup] to `cfg` except the keys the user set; returns the keys applied.
-    A config with its own checkpoint or prompt file keeps its task and budget."""
+    """Applies DIAGNOSTICS and SETUPS[setup] to `cfg` except the keys the user set; returns the keys
+    applied. A config with its own checkpoint or prompt file keeps its task and budget."""
+    applied = []
+    for key, value in DIAGNOSTICS.items():
+        if has_key(cfg, key) and key not in user_keys:
+            set_key(cfg, key, value)
+            applied.append(key)
     if cfg.model.hf_path or cfg.data.path:
-        return []
+        return applied
     if "data.task" in user_keys:  # the user's own task: the setup's task options would not fit it
         user_keys = user_keys | set(_TASK_OPTIONS)
-    applied = []
     for key, value in SETUPS[setup].items():
         if key == "seeds" or any(k == key or k.startswith(key + ".") for k in user_keys):
             continue

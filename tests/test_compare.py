@@ -196,8 +196,9 @@ def test_compare_runs_every_arm_and_seed_in_its_own_workdir_from_one_warm_start(
 
 def test_setup_keys_yield_to_command_line_keys():
     cfg = micro_config()
-    compare.apply_setup(cfg, "quick", {"steps"})
+    compare.apply_setup(cfg, "quick", {"steps", "log.ratio_by_length"})
     assert cfg.steps == 2 and cfg.data.task == "running_sum"
+    assert cfg.log.routing_volatility and cfg.log.ratio_by_length == micro_config().log.ratio_by_length
     assert cfg.rollout.max_new_tokens == compare.SETUPS["quick"]["rollout.max_new_tokens"]
     assert compare.user_config_keys(["--quick", "--config.steps=3", "--config.algo.eps_low=0.1"]) == {
         "steps",
