@@ -53,8 +53,8 @@ ARMS: dict[str, dict[str, Any]] = {
     },
 }
 
-# The separating task (tasks.running_sum: long step-by-step completions) and the budget per setup.
-# cpu: measured ~X s per arm and seed on a 2-core CPU (BUILD_NOTES.md, "Comparison").
+# The task (tasks.running_sum: long step-by-step completions) and the budget per setup; measured
+# times on a 2-core CPU are in BUILD_NOTES.md ("Comparison"). large is for an accelerator.
 _TASK = {
     "data.task": "running_sum",
     "reward.fns": "running_sum",
