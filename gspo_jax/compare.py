@@ -40,11 +40,16 @@ from absl import app, flags, logging
 from gspo_jax import compare_report, train
 from gspo_jax.checkpoint import CHECKPOINT_DIR
 from gspo_jax.metrics import read_metrics
+from gspo_jax.trainer import TrainingStopped
 
 GRPO_CLIP = (0.2, 0.28)
 ARMS: dict[str, dict[str, Any]] = {
     "gspo": {"algo.importance_sampling_level": "sequence"},
-    "grpo": {"algo.importance_sampling_level": "token", "algo.eps_low": GRPO_CLIP[0], "algo.eps_high": GRPO_CLIP[1]},
+    "grpo": {
+        "algo.importance_sampling_level": "token",
+        "algo.eps_low": GRPO_CLIP[0],
+        "algo.eps_high": GRPO_CLIP[1],
+    },
     "grpo_replay": {
         "algo.importance_sampling_level": "token",
         "algo.eps_low": GRPO_CLIP[0],
@@ -120,7 +125,9 @@ def define_flags() -> None:
     flags.DEFINE_enum("setup", "cpu", list(SETUPS), "Task and budget for the built-in tiny policy.")
     flags.DEFINE_bool("quick", False, "Shorthand for --setup=quick (1 seed, < 10 min on a 2-core CPU).")
     flags.DEFINE_integer("seeds", None, "Seeds per arm (default: the setup's); seed k is config.seed + k.")
-    flags.DEFINE_string("out", "runs/compare", "Output directory: one workdir per arm and seed, and the report.")
+    flags.DEFINE_string(
+        "out", "runs/compare", "Output directory: one workdir per arm and seed, and the report."
+    )
     flags.DEFINE_list("arms", list(ARMS), f"Arms to run, from {list(ARMS)}.")
 
 
@@ -189,7 +196,7 @@ def run_arm(cfg) -> dict[str, Any]:
     stopped = None
     try:
         train.run(cfg)
-    except RuntimeError as error:  # trainer.TrainingStopped: too many non-finite updates in a row
+    except TrainingStopped as error:  # too many non-finite updates in a row: a collapse, reported
         stopped = str(error).splitlines()[0]
     record = {"wall_s": time.perf_counter() - start, "stopped": stopped, "steps": cfg.steps}
     record_path.write_text(json.dumps(record))
@@ -261,7 +268,12 @@ def compare(base, *, setup: str, seeds: int, arms: list[str], out: Path, log=pri
                 f"{elapsed / 60:.1f} min so far, ~{elapsed / done * (todo - done) / 60:.1f} min left)"
             )
             results[arm]["runs"].append(
-                {"seed": seed, "records": read_metrics(cfg.workdir), "wall_s": record["wall_s"], "stopped": record["stopped"]}
+                {
+                    "seed": seed,
+                    "records": read_metrics(cfg.workdir),
+                    "wall_s": record["wall_s"],
+                    "stopped": record["stopped"],
+                }
             )
     table = setup_table(base, setup, seeds, time.perf_counter() - start)
     return compare_report.write_report(results, table, out)

@@ -63,7 +63,10 @@ def rl_records(records: Sequence[Mapping]) -> list[Mapping]:
 def spread(values: Sequence[float | None]) -> dict[str, Any]:
     """{"mean", "std", "min", "max", "n", "per_seed"} over the finite values (None/nan skipped)."""
     finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], float)
-    stats: dict[str, Any] = {"n": int(finite.size), "per_seed": [None if v is None else float(v) for v in values]}
+    stats: dict[str, Any] = {
+        "n": int(finite.size),
+        "per_seed": [None if v is None else float(v) for v in values],
+    }
     if finite.size == 0:
         return stats | {"mean": None, "std": None, "min": None, "max": None}
     return stats | {
@@ -124,7 +127,9 @@ def run_summary(records: Sequence[Mapping], wall_s: float | None = None, stopped
     accuracy_collapses = [int(eval_steps[i]) for i in collapse_starts(accuracy)]
     reward_collapses = [int(reward_steps[i]) for i in collapse_starts(trailing_mean(reward, REWARD_WINDOW))]
     layers = sorted(
-        (int(m[1]), key) for key in dict.fromkeys(k for r in rl for k in r) if (m := _VOLATILITY_LAYER.match(key))
+        (int(m[1]), key)
+        for key in dict.fromkeys(k for r in rl for k in r)
+        if (m := _VOLATILITY_LAYER.match(key))
     )
     return {
         "eval_start": float(accuracy[eval_steps == 0][-1]) if (eval_steps == 0).any() else None,
@@ -143,7 +148,10 @@ def run_summary(records: Sequence[Mapping], wall_s: float | None = None, stopped
             "nonfinite_updates": nonfinite_steps,
             "stopped": stopped,
         },
-        "collapses": len(accuracy_collapses) + len(reward_collapses) + len(nonfinite_steps) + int(bool(stopped)),
+        "collapses": len(accuracy_collapses)
+        + len(reward_collapses)
+        + len(nonfinite_steps)
+        + int(bool(stopped)),
         "steps": int(reward_steps.max()) if reward_steps.size else 0,
         "train_time_s": float(without_compilation(step_time).sum()) if step_time.size else None,
         "step_time_s": float(np.median(without_compilation(step_time))) if step_time.size else None,
@@ -162,7 +170,11 @@ def ratio_by_length(records: Sequence[Mapping]) -> list[dict]:
             bins.setdefault(int(m[1]), {})[m[2]] = key
     rows = []
     for j, keys in sorted(bins.items()):
-        used = [r for r in rl if is_number(r.get(keys.get("count", ""), 1)) and r.get(keys.get("count", ""), 1) > 0]
+        used = [
+            r
+            for r in rl
+            if is_number(r.get(keys.get("count", ""), 1)) and r.get(keys.get("count", ""), 1) > 0
+        ]
         _, max_len = series(used, keys.get("max_len", ""))
         _, count = series(used, keys.get("count", ""))
         rows.append(
@@ -230,7 +242,11 @@ def build_report(arms: Mapping[str, Mapping], setup: Mapping[str, Any]) -> dict:
     for arm, spec in arms.items():
         runs = spec["runs"]
         summaries = [run_summary(r["records"], r.get("wall_s"), r.get("stopped")) for r in runs]
-        numeric = [k for k in summaries[0] if all(s[k] is None or is_number(s[k]) for s in summaries)] if summaries else []
+        numeric = (
+            [k for k in summaries[0] if all(s[k] is None or is_number(s[k]) for s in summaries)]
+            if summaries
+            else []
+        )
         report["arms"][arm] = {
             "settings": dict(spec.get("settings", {})),
             "note": spec.get("note", ""),
@@ -245,16 +261,20 @@ def build_report(arms: Mapping[str, Mapping], setup: Mapping[str, Any]) -> dict:
             if (c := curve(records, key)) is not None
         }
         bins = [ratio_by_length(r) for r in records]
-        report["ratio_by_length"][arm] = [
-            {
-                "bin": rows[0]["bin"],
-                "max_len": spread([row["max_len"] for row in rows])["max"],
-                "count": spread([row["count"] for row in rows])["mean"],
-                "var_token_logratio_sum": spread([row["var_token_logratio_sum"] for row in rows]),
-                "var_seq_logratio": spread([row["var_seq_logratio"] for row in rows]),
-            }
-            for rows in zip(*bins)
-        ] if bins and all(bins) else []
+        report["ratio_by_length"][arm] = (
+            [
+                {
+                    "bin": rows[0]["bin"],
+                    "max_len": spread([row["max_len"] for row in rows])["max"],
+                    "count": spread([row["count"] for row in rows])["mean"],
+                    "var_token_logratio_sum": spread([row["var_token_logratio_sum"] for row in rows]),
+                    "var_seq_logratio": spread([row["var_seq_logratio"] for row in rows]),
+                }
+                for rows in zip(*bins)
+            ]
+            if bins and all(bins)
+            else []
+        )
     return report
 
 
@@ -279,7 +299,10 @@ def _statement(report: Mapping) -> list[str]:
     if not finals:
         return ["No arm logged eval accuracy, so no arm can be ranked."]
     ranked = sorted(finals, key=lambda arm: finals[arm]["mean"], reverse=True)
-    text = ", ".join(f"{arm} {finals[arm]['mean']:.3f} (seeds {finals[arm]['min']:.3f}-{finals[arm]['max']:.3f})" for arm in ranked)
+    text = ", ".join(
+        f"{arm} {finals[arm]['mean']:.3f} (seeds {finals[arm]['min']:.3f}-{finals[arm]['max']:.3f})"
+        for arm in ranked
+    )
     lines = [f"Final held-out accuracy, highest mean first: {text}."]
     if len(ranked) > 1:
         top, rest = finals[ranked[0]], [finals[a] for a in ranked[1:]]
@@ -312,11 +335,20 @@ def format_markdown(report: Mapping, plots: Sequence[str]) -> str:
     for arm, a in report["arms"].items():
         settings = ", ".join(f"`{k}={v}`" for k, v in a["settings"].items())
         lines.append(f"- **{arm}**: {settings}" + (f" — {a['note']}" if a["note"] else ""))
-    lines += ["", "## Results", "", "Mean ± std over seeds (one number per seed; per-seed values in report.json).", ""]
+    lines += [
+        "",
+        "## Results",
+        "",
+        "Mean ± std over seeds (one number per seed; per-seed values in report.json).",
+        "",
+    ]
     lines.append("| arm | " + " | ".join(h for _, h in TABLE_COLUMNS) + " |")
     lines.append("|---" * (len(TABLE_COLUMNS) + 1) + "|")
     for arm, a in report["arms"].items():
-        cells = [_cell(a["summary"].get(k, {}), 1 if k in ("train_time_s", "collapses") else 3) for k, _ in TABLE_COLUMNS]
+        cells = [
+            _cell(a["summary"].get(k, {}), 1 if k in ("train_time_s", "collapses") else 3)
+            for k, _ in TABLE_COLUMNS
+        ]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", *_statement(report), ""]
     for name in plots:
@@ -333,13 +365,22 @@ def format_markdown(report: Mapping, plots: Sequence[str]) -> str:
     lines.append("")
 
     lines += ["## Routing volatility", ""]
-    layered = {arm: a["runs"][0]["routing_volatility_per_layer"] for arm, a in report["arms"].items() if a["runs"]}
-    if not any(a["summary"].get("routing_volatility", {}).get("mean") is not None for a in report["arms"].values()):
-        lines += ["No run logged `routing/volatility` (this build has no routing diagnostics).", ""]
+    layered = {
+        arm: a["runs"][0]["routing_volatility_per_layer"] for arm, a in report["arms"].items() if a["runs"]
+    }
+    if not any(
+        a["summary"].get("routing_volatility", {}).get("mean") is not None for a in report["arms"].values()
+    ):
+        lines += [
+            "No run logged `routing/volatility` (`log.routing_volatility` off, or a build without it).",
+            "",
+        ]
     else:
         lines += [
-            "Fraction of (token, MoE layer) top-k expert sets that change between the policy before and after "
-            "a minibatch update, mean over steps; replay: the same for the replayed forward.",
+            (
+                "Fraction of (token, MoE layer) top-k expert sets that change between the policy before and "
+                "after a minibatch update, mean over steps; replay: the same for the replayed forward."
+            ),
             "",
             "| arm | volatility | replay volatility | per layer (seed 0) |",
             "|---|---|---|---|",
@@ -354,11 +395,17 @@ def format_markdown(report: Mapping, plots: Sequence[str]) -> str:
 
     lines += ["## Ratio variance vs completion length", ""]
     if not any(report["ratio_by_length"].values()):
-        lines += ["No run logged `ratio_len/bin*` metrics (this build has no ratio-by-length diagnostics).", ""]
+        lines += [
+            "No run logged `ratio_len/bin*` metrics (`log.ratio_by_length` off, or a build without it).",
+            "",
+        ]
     else:
         lines += [
-            "Per completion-length bin (up to its longest completion): variance of the token-level log-ratio "
-            "sum vs of the length-normalised sequence log-ratio, mean over steps and seeds.",
+            (
+                "Per completion-length bin (up to its longest completion): variance of the token-level "
+                "log-ratio sum vs of the length-normalised sequence log-ratio, mean over steps and seeds; "
+                "completions counted over all steps."
+            ),
             "",
             "| arm | bin | longest | completions | var token log-ratio sum | var seq log-ratio |",
             "|---|---|---|---|---|---|",
@@ -450,7 +497,11 @@ def write_plots(report: Mapping, out: Path) -> list[str]:
                 ("var_token_logratio_sum", "-", "token log-ratio sum"),
                 ("var_seq_logratio", "--", "seq log-ratio (length-normalised)"),
             ):
-                points = [(r["max_len"], r[stat]["mean"]) for r in rows if r["max_len"] is not None and r[stat]["mean"]]
+                points = [
+                    (r["max_len"], r[stat]["mean"])
+                    for r in rows
+                    if r["max_len"] is not None and r[stat]["mean"]
+                ]
                 if points:
                     ax.plot(*zip(*points), style, marker="o", color=colors[arm], label=f"{arm}: {label}")
         ax.set_xlabel("completion length (bin's longest)")
