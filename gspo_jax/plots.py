@@ -22,7 +22,7 @@ COMPLETION_LENGTH_KEY = "completion_len/mean"
 _MINIBATCH_KEY = re.compile(r"^(?P<base>.+)/mb(?P<index>\d+)$")
 
 
-def _series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+def series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of the records holding a numeric `key`, in file order."""
     points = [(r["step"], float(r[key])) for r in records if is_number(r.get(key))]
     if not points:
@@ -73,18 +73,18 @@ def plot_metrics(workdir: str | os.PathLike) -> list[Path]:
     with_reward = [r for r in rl if is_number(r.get(REWARD_KEYS[0]))]
     if with_reward:
         figure, axes = _new_axes("Reward", "reward")
-        steps, mean = _series(with_reward, REWARD_KEYS[0])
+        steps, mean = series(with_reward, REWARD_KEYS[0])
         axes.plot(steps, mean, label="mean")
         if all(is_number(r.get(REWARD_KEYS[1])) for r in with_reward):
-            _, std = _series(with_reward, REWARD_KEYS[1])
+            _, std = series(with_reward, REWARD_KEYS[1])
             axes.fill_between(steps, mean - std, mean + std, alpha=0.25, label="+- std")
         _save(figure, axes, out / "reward.png", written)
 
     phases = sorted({r["phase"] for r in records if not is_rl_phase(r.get("phase"))})
     eval_by_phase = {
-        p: _series([r for r in records if r.get("phase") == p], EVAL_ACCURACY_KEY) for p in phases
+        p: series([r for r in records if r.get("phase") == p], EVAL_ACCURACY_KEY) for p in phases
     }
-    rl_eval = _series(rl, EVAL_ACCURACY_KEY)
+    rl_eval = series(rl, EVAL_ACCURACY_KEY)
     if rl_eval[0].size or any(s.size for s, _ in eval_by_phase.values()):
         figure, axes = _new_axes("Eval accuracy", "accuracy")
         if rl_eval[0].size:
@@ -97,7 +97,7 @@ def plot_metrics(workdir: str | os.PathLike) -> list[Path]:
                 )
         _save(figure, axes, out / "eval_accuracy.png", written)
 
-    clip = [(key, _series(rl, key)) for key in CLIP_FRACTION_KEYS]
+    clip = [(key, series(rl, key)) for key in CLIP_FRACTION_KEYS]
     if any(s.size for _, (s, _v) in clip):
         figure, axes = _new_axes("Clipped fraction", "fraction clipped")
         for key, (s, v) in clip:
@@ -105,7 +105,7 @@ def plot_metrics(workdir: str | os.PathLike) -> list[Path]:
                 axes.plot(s, v, label=key)
         _save(figure, axes, out / "clip_fraction.png", written)
 
-    steps, length = _series(rl, COMPLETION_LENGTH_KEY)
+    steps, length = series(rl, COMPLETION_LENGTH_KEY)
     if steps.size:
         figure, axes = _new_axes("Completion length", "tokens")
         axes.plot(steps, length, label="mean")
@@ -119,7 +119,7 @@ def plot_metrics(workdir: str | os.PathLike) -> list[Path]:
     for base, keys in sorted(minibatch_series.items()):
         figure, axes = _new_axes(f"{base} per minibatch", base)
         for index in sorted(keys):
-            axes.plot(*_series(rl, keys[index]), label=f"minibatch {index}")
+            axes.plot(*series(rl, keys[index]), label=f"minibatch {index}")
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("_")
         _save(figure, axes, out / f"minibatch_{name}.png", written)
     return written

@@ -1,7 +1,8 @@
 """Built-in verifiable tasks for offline runs: a prompt generator and an exact verifier each.
 
 A task's problems are short digit strings a ~1M-parameter model learns in minutes, e.g.
-`sort_digits`: `31425=` -> `12345`, `addition`: `47+85=` -> `132`. Completions are scored on
+`sort_digits`: `31425=` -> `12345`, `addition`: `47+85=` -> `132`, and one with long, step-by-step
+completions, `running_sum`: `3+5+9=` -> `3,8,17`. Completions are scored on
 the decoded text up to (not including) eos, with surrounding whitespace ignored.
 
 Train and eval are disjoint by construction: every possible problem belongs to exactly one split,
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -41,14 +42,28 @@ def positional_credit(completion: str, answer: str, *, align: str) -> float:
     `align="left"` compares from the first character, `"right"` from the last (units digit).
     """
     text = completion.strip()
-    if text == answer:
-        return 1.0
     if align == "right":
         text, answer = text[::-1], answer[::-1]
-    matches = sum(a == b for a, b in zip(text, answer))
-    if len(text) == len(answer):
-        return matches / len(answer)
-    return 0.5 * matches / max(len(text), len(answer))
+    return _sequence_credit(text, answer)
+
+
+def _sequence_credit(items: Sequence, target: Sequence) -> float:
+    """`positional_credit`'s rule over any two sequences (characters, or the steps of a chain)."""
+    if list(items) == list(target):
+        return 1.0
+    matches = sum(a == b for a, b in zip(items, target))
+    if len(items) == len(target):
+        return matches / len(target)
+    return 0.5 * matches / max(len(items), len(target))
+
+
+def stepwise_credit(completion: str, answer: str) -> float:
+    """Partial credit in [0, 1] for a comma-separated chain of steps, step by step.
+
+    `positional_credit`'s rule with whole steps in place of characters: 1.0 exact, else the
+    fraction of steps right when the number of steps is right, at most 0.5 otherwise.
+    """
+    return _sequence_credit(completion.strip().split(","), answer.split(","))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,9 +171,29 @@ def addition_task(num_digits: int = 2) -> Task:
     return Task("addition", sample_problem, score, max_completion_tokens=num_digits + 2)
 
 
+def running_sum_task(num_terms: int = 12) -> Task:
+    """Add `num_terms` random digits, writing every partial sum: `3+5+9=` -> `3,8,17`.
+
+    The last step is the final answer, so a completion is tens of tokens long (about 3 per term)
+    and its correctness hangs on every step: a slip early on carries into all later sums.
+    Partial credit (`stepwise_credit`): the fraction of partial sums right (at most 0.5 when the
+    number of steps is wrong); exact correctness needs the whole chain.
+    """
+    if not isinstance(num_terms, int) or not 2 <= num_terms <= 40:
+        raise ValueError(f"num_terms must be an integer in [2, 40], got {num_terms!r}.")
+
+    def sample_problem(rng: np.random.Generator) -> tuple[str, str]:
+        digits = rng.integers(0, 10, size=num_terms)
+        return "+".join(map(str, digits)) + "=", ",".join(map(str, np.cumsum(digits)))
+
+    # Each partial sum has at most 3 digits, and one comma separates steps; plus eos.
+    return Task("running_sum", sample_problem, stepwise_credit, max_completion_tokens=4 * num_terms)
+
+
 TASKS: dict[str, Callable[..., Task]] = {
     "sort_digits": sort_digits_task,
     "addition": addition_task,
+    "running_sum": running_sum_task,
 }
 
 

@@ -60,7 +60,7 @@ def test_from_pretrained_rejects_nonsense_dtypes(hf_dir, dtype):
 def test_cli_modules_import_together_in_one_process():
     # Each CLI defines its flags when run as a program; at import time two of them would collide
     # (generate and bench both have --max_new_tokens, generate and export --dtype).
-    code = "import gspo_jax.train, gspo_jax.generate, gspo_jax.bench, gspo_jax.export; print('ok')"
+    code = "import gspo_jax.train, gspo_jax.generate, gspo_jax.bench, gspo_jax.export, gspo_jax.compare; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 

@@ -91,6 +91,35 @@ def test_addition_partial_credit(completion, score):
     assert task.is_correct(completion, "132") == (score == 1.0)
 
 
+def test_running_sum_records_write_every_partial_sum():
+    task = tasks.get_task("running_sum", num_terms=7)
+    for r in task.records("train", seed=0, n=300):
+        assert re.fullmatch(r"(\d\+){6}\d=", r["prompt"])
+        terms = [int(c) for c in r["prompt"][:-1].split("+")]
+        assert r["answer"] == ",".join(str(sum(terms[: i + 1])) for i in range(7))
+    answer = ",".join(str(9 * i) for i in range(1, 41))  # the longest chain: 40 nines
+    assert tasks.get_task("running_sum", num_terms=40).max_completion_tokens >= len(answer) + 1
+
+
+@pytest.mark.parametrize(
+    "completion,score",
+    [
+        ("3,8,17", 1.0),
+        (" 3,8,17\n", 1.0),
+        ("3,9,18", 1 / 3),  # a slip at step 2 carries into step 3
+        ("3,8,18", 2 / 3),
+        ("3,8", 0.5 * 2 / 3),  # a step missing
+        ("3,8,17,20", 0.5 * 3 / 4),  # an extra step
+        ("38,17", 0.0),  # steps run together: compared from the left, no step lines up
+        ("", 0.0),
+    ],
+)
+def test_running_sum_partial_credit_is_per_step(completion, score):
+    task = tasks.get_task("running_sum")
+    assert task.reward_fn(["3+5+9="], [completion], answer=["3,8,17"]) == pytest.approx([score])
+    assert task.is_correct(completion, "3,8,17") == (score == 1.0)
+
+
 def test_max_completion_tokens_and_supervised_examples():
     sort4 = tasks.get_task("sort_digits", num_digits=4)
     assert sort4.max_completion_tokens == 5  # 4 digits + eos
@@ -107,5 +136,7 @@ def test_bad_task_name_and_options():
         tasks.get_task("sort_digits", num_digit=3)
     with pytest.raises(ValueError, match="num_digits"):
         tasks.get_task("addition", num_digits=0)
+    with pytest.raises(ValueError, match=r"num_terms must be an integer in \[2, 40\]"):
+        tasks.get_task("running_sum", num_terms=1)
     with pytest.raises(ValueError, match="split"):
         tasks.get_task("addition").records("test", 0, 1)
