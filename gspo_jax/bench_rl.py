@@ -243,7 +243,8 @@ def run_rl_step() -> list[dict]:
 
 def run_dispatch() -> list[dict]:
     """Forward + backward of one MoE block per dispatch strategy, on one update's tokens at the shape."""
-    from gspo_jax.models.moe import DISPATCH_STRATEGIES, MoeBlock
+    from gspo_jax.models.dispatch import DISPATCH_STRATEGIES
+    from gspo_jax.models.moe import MoeBlock
 
     shape = SHAPES[flags.FLAGS.shape or "medium"]
     rows_b, width = shape["prompts"] * shape["group"], PROMPT_BUCKET + shape["new_tokens"]

@@ -7,7 +7,9 @@ Per device: parameters, optimizer state and gradients as the sharding rules lay 
 code the trainer uses, on an AbstractMesh), activations of one update minibatch (rematerialised
 layers keep only each layer's input; MoE buffers of the dispatch and expert-parallel exchange the
 config compiles to), FSDP's per-layer gather and unsharded-gradient transients, the rollout KV cache
-and the sampler's weight copy. The train phase and the rollout phase do not overlap, so the peak is the larger of the two.
+and the sampler's weight copy. The train phase and the rollout phase do not overlap, so the peak is
+the larger of the two. Layers are modelled as scanned one at a time (model.scan_unroll = 1, as the
+real presets run); the CPU configs' unrolled layers are not modelled.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from gspo_jax import optim, policy, sharding
-from gspo_jax.models import moe
+from gspo_jax.models import dispatch, tiled
 from gspo_jax.models.config import ModelConfig
 from gspo_jax.models.hf import abstract_model
 from gspo_jax.update import RolloutBatch, TrainState, UpdateSettings, make_train_fn
@@ -95,7 +97,7 @@ def sequence_shape(cfg) -> tuple[int, int, int]:
 
 
 def dispatch_strategy(name: str, platform: str) -> str:
-    """moe.resolve_dispatch for a planned platform: "auto" is ragged on accelerators, tiled on CPU."""
+    """dispatch.resolve_dispatch for a planned platform: "auto" is ragged on accelerators, tiled on CPU."""
     if name != "auto":
         return name
     return "tiled" if platform == "cpu" else "ragged"
@@ -112,18 +114,18 @@ def expert_bytes(strategy: str, tokens: int, k: int, experts: int, factor: float
     if strategy == "ragged":
         return tokens * k * row
     if strategy == "tiled":
-        tile = moe.training_tile_rows(tokens * k, experts)
+        tile = tiled.training_tile_rows(tokens * k, experts)
         return (-(-tokens * k // tile) + experts) * tile * (2 * d + 2 * i) * c
     if strategy == "dense":
         return experts * tokens * row
-    capacity = moe.expert_capacity(tokens, k, experts, factor if strategy == "capacity" else 0.0)
+    capacity = dispatch.expert_capacity(tokens, k, experts, factor if strategy == "capacity" else 0.0)
     return experts * capacity * row + 2 * tokens * k * d * c
 
 
 def moe_bytes(mcfg: ModelConfig, mesh, tokens: int, platform: str) -> float:
     """Activation bytes of one MoE layer's dispatch on one device holding `tokens` rows.
 
-    With expert parallelism (mesh.expert > 1, as moe.expert_parallel_dispatch): the send and receive
+    With expert parallelism (mesh.expert > 1, as expert_parallel.expert_parallel_dispatch): the send and receive
     blocks and the outputs going and coming back, [ways * rows, D] each (rows per block: tokens *
     min(k, E / ways) dropless, (E / ways) * capacity with a capacity factor), the tiled inputs and
     gathered outputs [k * tokens, D], and the inner dispatch of the received rows over the local
@@ -136,7 +138,7 @@ def moe_bytes(mcfg: ModelConfig, mesh, tokens: int, platform: str) -> float:
         strategy = dispatch_strategy(mcfg.moe_dispatch, platform)
         return expert_bytes(strategy, tokens, k, e, factor, d, inner, c)
     local = e // ways
-    capacity = moe.expert_capacity(tokens, k, e, factor) if factor > 0 else tokens
+    capacity = dispatch.expert_capacity(tokens, k, e, factor) if factor > 0 else tokens
     rows = local * capacity if factor > 0 else tokens * min(k, local)
     received = ways * rows
     strategy = dispatch_strategy(mcfg.moe_dispatch, platform)

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from test_moe import numpy_moe
 
 from gspo_jax import plan, sharding
-from gspo_jax.models import moe
+from gspo_jax.models import dispatch, expert_parallel, moe
 from gspo_jax.models.config import ModelConfig
 from gspo_jax.models.hf import abstract_model
 from gspo_jax.update import TrainState, UpdateSettings, make_train_fn
@@ -43,13 +43,13 @@ def _block(x, router, experts, valid, *, capacity_factor=0.0, inner="capacity", 
     """Routing, then expert-parallel dispatch under the active mesh, or the dense single-device reference."""
     _, ids, weights = moe.route(x.reshape(B * T, D), router, K, norm_topk_prob=False)
     if not parallel:
-        y, dropped = moe.dense_dispatch(
+        y, dropped = dispatch.dense_dispatch(
             x.reshape(B * T, D), ids, weights, valid.reshape(-1), *experts, capacity_factor=0.0
         )
         return y.reshape(B, T, D), dropped
-    layout = moe.expert_parallel_layout(B, experts[0].shape, experts[2].shape)
+    layout = expert_parallel.expert_parallel_layout(B, experts[0].shape, experts[2].shape)
     assert layout is not None and layout.expert_axis == "expert" and layout.ways == 4
-    return moe.expert_parallel_dispatch(
+    return expert_parallel.expert_parallel_dispatch(
         x,
         ids.reshape(B, T, K),
         weights.reshape(B, T, K),
@@ -125,11 +125,11 @@ def test_capacity_drops_equal_numpy_count_per_device():
 
 
 def test_no_expert_parallelism_without_mesh_or_when_off():
-    assert moe.expert_parallel_layout(B, (E, D, I), (E, I, D)) is None  # no mesh context
+    assert expert_parallel.expert_parallel_layout(B, (E, D, I), (E, I, D)) is None  # no mesh context
     with sharding.use_mesh(make_mesh(data=8)):
-        assert moe.expert_parallel_layout(B, (E, D, I), (E, I, D)) is None  # experts not split
+        assert expert_parallel.expert_parallel_layout(B, (E, D, I), (E, I, D)) is None  # experts not split
     with sharding.use_mesh(make_mesh(data=2, expert=4)):
-        assert moe.expert_parallel_layout(2, (E, D, I), (E, I, D)) is None  # 2 rows over 8 devices
+        assert expert_parallel.expert_parallel_layout(2, (E, D, I), (E, I, D)) is None  # 2 rows over 8 devices
     with pytest.raises(ValueError, match="expert_parallel='on'"):
         ModelConfig(expert_parallel="on")
 

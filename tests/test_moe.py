@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gspo_jax.models import moe
+from gspo_jax.models import dispatch, moe, tiled
 from gspo_jax.models.config import PRESETS, ModelConfig
 from gspo_jax.models.hf import abstract_model
 from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
@@ -50,13 +50,13 @@ def numpy_moe(x, ids, weights, valid, gate, up, down, capacity=None):
     return y, dropped
 
 
-@pytest.mark.parametrize("strategy", sorted(moe.DISPATCH_STRATEGIES))
+@pytest.mark.parametrize("strategy", sorted(dispatch.DISPATCH_STRATEGIES))
 def test_dropless_strategies_match_numpy(strategy):
     x, ids, weights = _routing(13)
     valid = np.ones(13, bool)
     valid[[2, 7]] = False
     gate, up, down = _experts()
-    y, dropped = moe.DISPATCH_STRATEGIES[strategy](
+    y, dropped = dispatch.DISPATCH_STRATEGIES[strategy](
         x, ids, weights, jnp.asarray(valid), gate, up, down, capacity_factor=0.0
     )
     ref, _ = numpy_moe(x, ids, weights, np.ones(13, bool), gate, up, down)
@@ -71,9 +71,9 @@ def test_capacity_drops_exactly_like_reference():
     valid[5] = False
     gate, up, down = _experts()
     factor = 0.6
-    capacity = moe.expert_capacity(20, K, E, factor)
+    capacity = dispatch.expert_capacity(20, K, E, factor)
     assert capacity == 4  # ceil(0.6 * 20 * 2 / 6)
-    y, dropped = moe.capacity_dispatch(
+    y, dropped = dispatch.capacity_dispatch(
         x, ids, weights, jnp.asarray(valid), gate, up, down, capacity_factor=factor
     )
     ref, ref_dropped = numpy_moe(x, ids, weights, valid, gate, up, down, capacity=capacity)
@@ -87,16 +87,15 @@ def test_strategies_give_same_gradients():
     experts = _experts(5)
 
     def loss(strategy, x, weights, *experts):
-        y, _ = moe.DISPATCH_STRATEGIES[strategy](x, ids, weights, valid, *experts, capacity_factor=0.0)
+        y, _ = dispatch.DISPATCH_STRATEGIES[strategy](x, ids, weights, valid, *experts, capacity_factor=0.0)
         return jnp.sum(jnp.sin(y))
 
     grads = {
-        s: jax.grad(loss, argnums=(1, 2, 3, 4, 5))(s, x, weights, *experts) for s in moe.DISPATCH_STRATEGIES
+        s: jax.grad(loss, argnums=(1, 2, 3, 4, 5))(s, x, weights, *experts) for s in dispatch.DISPATCH_STRATEGIES
     }
     for s in ("capacity", "ragged", "tiled"):
         for g, g_ref in zip(grads[s], grads["dense"]):
             np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-4, atol=1e-5)
-
 
 
 def test_tiled_backward_with_skewed_routing_matches_numpy_gradients():
@@ -110,11 +109,13 @@ def test_tiled_backward_with_skewed_routing_matches_numpy_gradients():
     valid = rng.random(t) > 0.25
     gate, up, down = (rng.normal(size=s) * 0.5 for s in ((e, D, I), (e, D, I), (e, I, D)))
     dy = rng.normal(size=(t, D))
-    tile = moe.training_tile_rows(t * k, e)
+    tile = tiled.training_tile_rows(t * k, e)
     assert tile < np.sum((ids == 0) & valid[:, None])  # expert 0 spans tiles; expert 4 has none
 
     def loss(x, weights, gate, up, down):
-        y, _ = moe.tiled_dispatch(x, jnp.asarray(ids), weights, jnp.asarray(valid), gate, up, down, capacity_factor=0.0)
+        y, _ = tiled.tiled_dispatch(
+            x, jnp.asarray(ids), weights, jnp.asarray(valid), gate, up, down, capacity_factor=0.0
+        )
         return jnp.sum(y * dy)
 
     f32 = lambda v: jnp.asarray(v, jnp.float32)
@@ -150,20 +151,21 @@ def test_tiled_backward_memory_grows_with_routed_rows_not_experts_times_tokens()
     def loss(x, router, gate, up, down, strategy):
         _, ids, weights = moe.route(x, router, k, norm_topk_prob=True)
         valid = jnp.ones(t, bool)
-        y, _ = moe.DISPATCH_STRATEGIES[strategy](x, ids, weights, valid, gate, up, down, capacity_factor=0.0)
+        y, _ = dispatch.DISPATCH_STRATEGIES[strategy](x, ids, weights, valid, gate, up, down, capacity_factor=0.0)
         return jnp.sum(y * y)
 
     def temp_bytes(strategy):
         step = jax.jit(jax.grad(loss, argnums=range(5)), static_argnums=5)
         return step.lower(x, router, *experts, strategy).compile().memory_analysis().temp_size_in_bytes
 
-    tile = moe.training_tile_rows(t * k, e)
+    tile = tiled.training_tile_rows(t * k, e)
     rows = (-(-t * k // tile) + e) * tile  # padded routed rows: 10240 here, vs E x T = 131072 slots
     # Four [rows, D + I] f32 sets (x with gate, up, outputs and cotangents), f32 weight gradients and
     # a few [T, E] router arrays.
     routed = 4 * (4 * rows * (d + i) + 3 * e * d * i + 4 * t * e)
     assert temp_bytes("tiled") < routed  # measured 17.3 MiB vs 23.5 MiB
     assert temp_bytes("capacity") > 4 * routed  # measured 261 MiB
+
 
 TINY = ModelConfig(
     vocab_size=50,
@@ -214,9 +216,9 @@ def test_model_outputs_and_gradients_agree_across_strategies():
 
 
 def test_auto_dispatch_picks_tiled_on_cpu():
-    assert moe.resolve_dispatch("auto") == ("tiled" if jax.default_backend() == "cpu" else "ragged")
+    assert dispatch.resolve_dispatch("auto") == ("tiled" if jax.default_backend() == "cpu" else "ragged")
     with pytest.raises(ValueError, match="moe_dispatch='grouped'"):
-        moe.resolve_dispatch("grouped")
+        dispatch.resolve_dispatch("grouped")
 
 
 RELEASED = {  # total, active parameters (shared/QWEN_MOE.md)

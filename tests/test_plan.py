@@ -97,6 +97,7 @@ def test_prediction_beside_xla_memory_analysis(wide_preset, mesh):
         **{
             "model.preset": wide_preset,
             "model.moe_dispatch": "ragged",
+            "model.scan_unroll": 1,  # the planner models one scanned layer at a time, as real presets run
             "rollout.prompts_per_step": 8,
             "rollout.group_size": 2,
             "data.max_prompt_len": 16,

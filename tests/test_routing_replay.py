@@ -10,7 +10,7 @@ from flax import nnx
 from test_moe import numpy_moe
 
 from gspo_jax import diagnostics, sharding
-from gspo_jax.models import moe
+from gspo_jax.models import dispatch, expert_parallel, moe
 from gspo_jax.models.config import ModelConfig
 from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
 
@@ -30,7 +30,7 @@ CFG = ModelConfig(
     norm_topk_prob=True,
     initializer_range=0.3,
 )
-STRATEGIES = sorted(moe.DISPATCH_STRATEGIES)
+STRATEGIES = sorted(dispatch.DISPATCH_STRATEGIES)
 
 
 def _tokens(rows=2, steps=9, seed=0):
@@ -130,7 +130,7 @@ def test_replay_keeps_the_router_gradient():
 
     def loss(router):
         _, ids, weights = moe.route(x_td, router, CFG.num_experts_per_tok, True, replay_tk)
-        y, _ = moe.capacity_dispatch(x_td, ids, weights, valid_t, *experts, capacity_factor=0.0)
+        y, _ = dispatch.capacity_dispatch(x_td, ids, weights, valid_t, *experts, capacity_factor=0.0)
         return jnp.sum(jnp.where(valid_t[:, None], jnp.sin(y), 0.0))
 
     router = block.router.value
@@ -148,7 +148,7 @@ def test_replay_under_expert_parallelism_equals_the_normal_forward():
     graphdef, params = nnx.split(QwenMoeForCausalLM(CFG.replace(moe_dispatch="capacity"), rngs=nnx.Rngs(0)))
     tokens, valid = _tokens(rows=8)
     with sharding.use_mesh(mesh):
-        assert moe.expert_parallel_layout(8, (CFG.num_experts, 16, 8), (CFG.num_experts, 8, 16)) is not None
+        assert expert_parallel.expert_parallel_layout(8, (CFG.num_experts, 16, 8), (CFG.num_experts, 8, 16)) is not None
         logits, ids = _forward(graphdef, params, tokens, valid)
         replayed_logits, replayed_ids = _forward(graphdef, params, tokens, valid, ids)
     single_logits, single_ids = _forward(graphdef, params, tokens, valid)

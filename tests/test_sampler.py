@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from hf_models import build_hf_model, hf_logits, save_hf_model
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy import stats
 
 import gspo_jax
-from gspo_jax.models import moe
+from gspo_jax.logprobs import completion_logprobs
+from gspo_jax.models import dispatch, tiled
 from gspo_jax.models.config import ModelConfig
 from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
-from gspo_jax.sampler import Sampler, SampleOutput, sample_next
-from gspo_jax.logprobs import completion_logprobs
-from hf_models import build_hf_model, hf_logits, save_hf_model
+from gspo_jax.sampler import SampleOutput, Sampler, sample_next
 
 N = 8  # new tokens
 PAD = 96  # a pad id no test prompt uses, so padding is visible in completions
@@ -235,7 +235,7 @@ def test_every_dispatch_strategy_gives_the_same_greedy_completion(tiny):
     _, path, _, graphdef, params = tiny
     ids, mask = left_pad(PROMPTS)
     reference = Sampler(graphdef, max_new_tokens=N, temperature=0.0)(params, ids, mask, jax.random.key(0))
-    assert moe.resolve_dispatch("auto") == (
+    assert dispatch.resolve_dispatch("auto") == (
         "tiled" if jax.default_backend() == "cpu" else "ragged"
     )
     for strategy in ("dense", "capacity", "ragged"):
@@ -270,8 +270,8 @@ def test_tiled_dispatch_with_several_tiles_per_expert_matches_numpy():
     weights = rng.random((t, k)).astype(np.float32)
     valid = rng.random(t) > 0.2
     gate, up, down = (rng.normal(size=s).astype(np.float32) for s in ((e, d, i), (e, d, i), (e, i, d)))
-    assert moe.tile_rows(t * k, e) < np.sum((ids == 0) & valid[:, None])  # expert 0 spans tiles
-    y, _ = moe.tiled_dispatch(
+    assert tiled.tile_rows(t * k, e) < np.sum((ids == 0) & valid[:, None])  # expert 0 spans tiles
+    y, _ = tiled.tiled_dispatch(
         *map(jnp.asarray, (x, ids, weights, valid, gate, up, down)), capacity_factor=0.0
     )
     expected = np.zeros_like(x)
@@ -285,7 +285,7 @@ def test_tiled_dispatch_with_several_tiles_per_expert_matches_numpy():
 def test_bf16_expert_slice_is_exact():
     w = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3, 5)), jnp.bfloat16)
     for e in range(4):
-        got = moe.expert_weight(w, jnp.int32(e), jnp.float32)
+        got = tiled.expert_weight(w, jnp.int32(e), jnp.float32)
         assert got.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(got), np.asarray(w[e].astype(jnp.float32)))
 

@@ -1,0 +1,282 @@
+"""The tiled MoE dispatch: a loop over the experts that real tokens chose, each one's rows in tiles of
+plain 2-D matmuls, so an expert no token chose is never read and no work or memory scales with
+experts x tokens.
+
+Forward-only calls (decode, prefill, scoring) run `_tiled_forward`: assignments sorted by expert,
+each chosen expert's weights sliced once (from a whole [L, E, ...] stack on the cache path), its rows
+in tiles of `tile_rows`. Under differentiation a custom VJP runs a padded layout (`tile_layout`:
+each expert's run padded to whole tiles of `training_tile_rows`, so every tile has one expert); the
+forward keeps each row's gate and up pre-activations and the backward does six matmuls per tile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+def tile_rows(num_assignments: int, num_experts: int) -> int:
+    """Rows per tile: the power of two at or above the mean assignments per expert, in [4, 256]."""
+    mean = max(1, -(-num_assignments // num_experts))
+    return min(256, max(4, 1 << (mean - 1).bit_length()))
+
+
+def expert_weight(w_e, expert, dtype):
+    """w_e[expert] in `dtype`, reading only that expert's slice.
+
+    XLA:CPU widens a bfloat16 array to float32 before slicing it, which reads and converts every
+    expert; slicing a uint16 view and widening by a 16-bit shift reads only the slice and is exact
+    (a bfloat16 is the top half of a float32).
+    """
+    if w_e.dtype == jnp.bfloat16 and jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu":
+        bits = jax.lax.bitcast_convert_type(w_e, jnp.uint16)[expert].astype(jnp.uint32) << 16
+        return jax.lax.bitcast_convert_type(bits, jnp.float32)
+    return w_e[expert].astype(dtype)
+
+
+def _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, layer=None):
+    """layer: None, or the index into stacked [L, E, ...] weights (forward only)."""
+    t, k = ids_tk.shape
+    num_experts = gate_edi.shape[-3]
+    tile = tile_rows(t * k, num_experts)
+    valid_a = jnp.repeat(valid_t, k)  # a = t * k + j
+    ids_a = jnp.where(valid_a, ids_tk.reshape(-1), num_experts)  # padding sorts after every expert
+    order_a = jnp.argsort(ids_a, stable=True)
+    sizes_e = jnp.bincount(ids_a, length=num_experts + 1)[:num_experts]
+    starts_e = jnp.cumsum(sizes_e) - sizes_e
+    chosen = jnp.argsort(sizes_e == 0, stable=True)  # experts with assignments first
+    # Sorted rows, padded by one tile so a tile's slice never runs off the end (it would be clamped).
+    pad = lambda v: jnp.concatenate([v, jnp.zeros((tile, *v.shape[1:]), v.dtype)])
+    token_s = pad(order_a // k)
+    x_s = pad(x_td[order_a // k])
+    weight_s = pad(weights_tk.reshape(-1)[order_a].astype(x_td.dtype))
+
+    def one_expert(i, y_td):
+        expert = chosen[i]
+        index = expert if layer is None else (layer, expert)
+        gate, up, down = (expert_weight(w, index, x_td.dtype) for w in (gate_edi, up_edi, down_eid))
+
+        def one_tile(j, y_td):
+            start = starts_e[expert] + j * tile
+            rows = jnp.arange(tile) < sizes_e[expert] - j * tile
+            x = jax.lax.dynamic_slice_in_dim(x_s, start, tile)
+            y = (jax.nn.silu(x @ gate) * (x @ up)) @ down
+            y = jnp.where(rows[:, None], y * jax.lax.dynamic_slice_in_dim(weight_s, start, tile)[:, None], 0)
+            return y_td.at[jax.lax.dynamic_slice_in_dim(token_s, start, tile)].add(y)
+
+        return jax.lax.fori_loop(0, -(-sizes_e[expert] // tile), one_tile, y_td)
+
+    return jax.lax.fori_loop(0, jnp.sum(sizes_e > 0), one_expert, jnp.zeros_like(x_td))
+
+
+def training_tile_rows(num_assignments: int, num_experts: int) -> int:
+    """Rows per tile of the differentiated tiled dispatch: the power of two at or below half the mean
+    assignments per expert, in [32, 256]. Each expert's run is padded to whole tiles (about a quarter
+    of the rows at most sizes); smaller tiles pad less but pay more per-tile overhead (measured: 128
+    rows fastest at the bench's small shape, 64 and 256 slower)."""
+    half = max(1, num_assignments // (2 * num_experts))
+    return min(256, max(32, 1 << (half.bit_length() - 1)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TileLayout:
+    """Assignments sorted by expert into row tiles, each expert's run padded to whole tiles.
+
+    R = tiles * tile rows. token_r [R]: the token a row reads (0 on padding); assignment_r [R]: its
+    assignment a = t * k + j (A on padding); first_tile_e, tiles_e [E]: where each expert's tiles start
+    and how many it has; chosen: the experts with tiles first (in id order); num_chosen: how many.
+    """
+
+    token_r: jax.Array
+    assignment_r: jax.Array
+    first_tile_e: jax.Array
+    tiles_e: jax.Array
+    chosen: jax.Array
+    num_chosen: jax.Array
+
+
+def tile_layout(ids_tk, valid_t, num_experts: int, tile: int) -> TileLayout:
+    """The TileLayout of the valid tokens' assignments (padding tokens take no rows)."""
+    t, k = ids_tk.shape
+    num_assignments = t * k
+    tiles = -(-num_assignments // tile) + num_experts  # padding adds less than one tile per expert
+    key_a = jnp.where(jnp.repeat(valid_t, k), ids_tk.reshape(-1), num_experts)
+    sizes_e = jnp.bincount(key_a, length=num_experts + 1)[:num_experts]
+    tiles_e = -(-sizes_e // tile)
+    first_tile_e = jnp.cumsum(tiles_e) - tiles_e
+    order_a = jnp.argsort(key_a, stable=True)
+    sorted_key = key_a[order_a]
+    run_start = jnp.concatenate([jnp.zeros(1, sizes_e.dtype), jnp.cumsum(sizes_e)])[sorted_key]
+    first_row = jnp.concatenate([first_tile_e * tile, jnp.zeros(1, tiles_e.dtype)])[sorted_key]
+    row_sorted = jnp.where(
+        sorted_key < num_experts, first_row + jnp.arange(num_assignments) - run_start, tiles * tile
+    )
+    assignment_r = (
+        jnp.full(tiles * tile, num_assignments, jnp.int32)
+        .at[row_sorted]
+        .set(order_a.astype(jnp.int32), mode="drop")
+    )
+    return TileLayout(
+        token_r=jnp.minimum(assignment_r, num_assignments - 1) // k,
+        assignment_r=assignment_r,
+        first_tile_e=first_tile_e,
+        tiles_e=tiles_e,
+        chosen=jnp.argsort(tiles_e == 0, stable=True),
+        num_chosen=jnp.sum(tiles_e > 0),
+    )
+
+
+def _over_tiles(layout: TileLayout, per_expert, carry):
+    """fori over the chosen experts: per_expert(expert, first_tile, num_tiles, carry) -> carry."""
+
+    def one_expert(i, carry):
+        expert = layout.chosen[i]
+        return per_expert(expert, layout.first_tile_e[expert], layout.tiles_e[expert], carry)
+
+    return jax.lax.fori_loop(0, layout.num_chosen, one_expert, carry)
+
+
+def _tile_weights(gate_edi, up_edi, down_eid, expert, dtype):
+    return tuple(expert_weight(w, expert, dtype) for w in (gate_edi, up_edi, down_eid))
+
+
+def _tiled_train_forward(x_td, weights_tk, gate_edi, up_edi, down_eid, layout: TileLayout, tile: int):
+    """(y [T, D], gate and up pre-activations [R, I] of every row); each chosen expert's weights are
+    sliced once and its tiles run in an inner loop."""
+    num_assignments = weights_tk.size
+    live_r = layout.assignment_r < num_assignments
+    x_r = x_td[layout.token_r]
+    w_r = jnp.where(live_r, weights_tk.reshape(-1)[jnp.minimum(layout.assignment_r, num_assignments - 1)], 0)
+
+    def per_expert(expert, first, count, carry):
+        gate, up, down = _tile_weights(gate_edi, up_edi, down_eid, expert, x_td.dtype)
+
+        def one_tile(n, carry):
+            y_r, g_r, u_r = carry
+            x = jax.lax.dynamic_slice_in_dim(x_r, n * tile, tile)
+            g, u = x @ gate, x @ up
+            put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, n * tile, 0)
+            return put(y_r, (jax.nn.silu(g) * u) @ down), put(g_r, g), put(u_r, u)
+
+        return jax.lax.fori_loop(first, first + count, one_tile, carry)
+
+    # Carries are zeros "like" the rows: under shard_map they then vary over the rows' mesh axes.
+    inner = gate_edi.shape[-1]
+    init = (jnp.zeros_like(x_r), *(jnp.zeros_like(x_r, shape=(x_r.shape[0], inner)) for _ in range(2)))
+    y_r, g_r, u_r = _over_tiles(layout, per_expert, init)
+    y_td = jnp.zeros_like(x_td).at[layout.token_r].add(y_r * w_r[:, None].astype(x_td.dtype))
+    return y_td, (g_r, u_r, w_r)
+
+
+def _tiled_train_backward(x_td, weights_tk, gate_edi, up_edi, down_eid, layout, tile, g_r, u_r, w_r, dy_td):
+    """Cotangents (x, weights, gate, up, down): six matmuls per tile; each chosen expert's weight
+    gradients are summed over its tiles in the inner loop's carry and written once."""
+    num_assignments = weights_tk.size
+    x_r = x_td[layout.token_r]
+    dy_r = dy_td[layout.token_r] * (layout.assignment_r < num_assignments)[:, None].astype(dy_td.dtype)
+    like_rows = lambda shape, dtype: jnp.zeros_like(x_r, shape=shape, dtype=dtype)
+    acc = jnp.float32
+
+    def per_expert(expert, first, count, carry):
+        gate, up, down = _tile_weights(gate_edi, up_edi, down_eid, expert, x_td.dtype)
+
+        def one_tile(n, carry):
+            dx_r, dw_r, dgate, dup, ddown = carry
+            take = lambda v: jax.lax.dynamic_slice_in_dim(v, n * tile, tile)
+            x, g, u, w, dy = take(x_r), take(g_r), take(u_r), take(w_r)[:, None], take(dy_r)
+            sig = jax.nn.sigmoid(g)
+            act = g * sig
+            h = act * u
+            dz = dy @ down.T  # d(unweighted expert output) @ down^T
+            dh = w * dz
+            du = dh * act
+            dg = dh * u * sig * (1 + g * (1 - sig))
+            put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, n * tile, 0)
+            return (
+                put(dx_r, dg @ gate.T + du @ up.T),
+                put(dw_r, jnp.sum(dz * h, axis=-1)),
+                dgate + (x.T @ dg).astype(acc),
+                dup + (x.T @ du).astype(acc),
+                ddown + (h.T @ (w * dy)).astype(acc),
+            )
+
+        dx_r, dw_r, *sums = carry
+        local = tuple(like_rows(w.shape[1:], acc) for w in (gate_edi, up_edi, down_eid))
+        dx_r, dw_r, *local = jax.lax.fori_loop(first, first + count, one_tile, (dx_r, dw_r, *local))
+        return (
+            dx_r,
+            dw_r,
+            *(jax.lax.dynamic_update_index_in_dim(s, v, expert, 0) for s, v in zip(sums, local)),
+        )
+
+    carry = (
+        jnp.zeros_like(x_r),
+        like_rows(x_r.shape[:1], x_td.dtype),
+        *(like_rows(w.shape, acc) for w in (gate_edi, up_edi, down_eid)),
+    )
+    dx_r, dw_r, dgate, dup, ddown = _over_tiles(layout, per_expert, carry)
+    dx_td = jnp.zeros_like(x_td).at[layout.token_r].add(dx_r)
+    dweights = like_rows((num_assignments,), dw_r.dtype).at[layout.assignment_r].set(dw_r, mode="drop")
+    # Under shard_map the sums above vary over the rows' mesh axes; an input that varies over fewer
+    # (the experts' weights, replicated weights_tk) takes its cotangent summed over the rest, which
+    # is the transpose of widening it to the rows' type.
+    widen = lambda *inputs: tuple(v + like_rows(v.shape, v.dtype) for v in inputs)
+    _, narrow = jax.vjp(widen, weights_tk, gate_edi, up_edi, down_eid)
+    return dx_td, *narrow(
+        (
+            dweights.reshape(weights_tk.shape).astype(weights_tk.dtype),
+            dgate.astype(gate_edi.dtype),
+            dup.astype(up_edi.dtype),
+            ddown.astype(down_eid.dtype),
+        )
+    )
+
+
+@jax.custom_vjp
+def _tiled_moe(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid):
+    return _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid)
+
+
+def _tiled_moe_fwd(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid):
+    """Under differentiation: tiles of the expert-sorted assignments (each expert's run padded to
+    whole tiles, so a tile has one expert), keeping each row's gate and up pre-activations: memory
+    and work grow with the routed assignments, never with experts x tokens."""
+    tile = training_tile_rows(ids_tk.size, gate_edi.shape[0])
+    layout = tile_layout(ids_tk, valid_t, gate_edi.shape[0], tile)
+    y_td, (g_r, u_r, w_r) = _tiled_train_forward(x_td, weights_tk, gate_edi, up_edi, down_eid, layout, tile)
+    return y_td, (x_td, weights_tk, gate_edi, up_edi, down_eid, layout, g_r, u_r, w_r)
+
+
+def _tiled_moe_bwd(residuals, dy_td):
+    x_td, weights_tk, gate_edi, up_edi, down_eid, layout, g_r, u_r, w_r = residuals
+    tile = training_tile_rows(weights_tk.size, gate_edi.shape[0])
+    dx, dweights, dgate, dup, ddown = _tiled_train_backward(
+        x_td, weights_tk, gate_edi, up_edi, down_eid, layout, tile, g_r, u_r, w_r, dy_td
+    )
+    return dx, None, dweights, None, dgate, dup, ddown
+
+
+_tiled_moe.defvjp(_tiled_moe_fwd, _tiled_moe_bwd)
+
+
+def tiled_dispatch(
+    x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, *, capacity_factor, layer=None
+):
+    """Dropless loop over the chosen experts only: each one's weights are sliced once and its
+    assignments (sorted by expert) run through SwiGLU in tiles of `tile_rows` rows.
+
+    An expert no real token chose is never read, which is what a decode step on CPU is bound by.
+    Loop bounds depend on the routing, so differentiation goes through a custom VJP: padded
+    expert-sorted row tiles forward and backward (`tile_layout`), work and memory in routed rows. With `layer`, the weights are whole [L, E, ...] stacks and each chosen
+    expert is sliced straight from them (a forward-only path: decode and prefill).
+    Returns (y [T, D], dropped=0).
+    """
+    del capacity_factor
+    if layer is not None:
+        y = _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, layer)
+    else:
+        y = _tiled_moe(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid)
+    return y, jnp.zeros((), jnp.float32)
