@@ -270,8 +270,9 @@ def tiled_dispatch(
 
     An expert no real token chose is never read, which is what a decode step on CPU is bound by.
     Loop bounds depend on the routing, so differentiation goes through a custom VJP: padded
-    expert-sorted row tiles forward and backward (`tile_layout`), work and memory in routed rows. With `layer`, the weights are whole [L, E, ...] stacks and each chosen
-    expert is sliced straight from them (a forward-only path: decode and prefill).
+    expert-sorted row tiles forward and backward (`tile_layout`), work and memory in routed rows.
+    With `layer`, the weights are whole [L, E, ...] stacks and each chosen expert is sliced straight
+    from them (a forward-only path: decode and prefill).
     Returns (y [T, D], dropped=0).
     """
     del capacity_factor
