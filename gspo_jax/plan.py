@@ -6,8 +6,8 @@
 Per device: parameters, optimizer state and gradients as the sharding rules lay them out (the same
 code the trainer uses, on an AbstractMesh), activations of one update minibatch (rematerialised
 layers keep only each layer's input; MoE buffers of the dispatch and expert-parallel exchange the
-config compiles to), FSDP's per-layer gather and unsharded-gradient transients, the rollout KV cache
-and the sampler's weight copy. The train phase and the rollout phase do not overlap, so the peak is
+config compiles to), FSDP's per-layer gather and unsharded-gradient transients, the rollout KV cache,
+the rollout-dtype weight copy and the sampler's per-layer slices of it. The train phase and the rollout phase do not overlap, so the peak is
 the larger of the two. Layers are modelled as scanned one at a time (model.scan_unroll = 1, as the
 real presets run); the CPU configs' unrolled layers are not modelled.
 """
@@ -258,6 +258,11 @@ def plan(cfg, num_devices: int, accelerator: str | None = None, platform: str | 
         "activations": activation_bytes(cfg, mcfg, mesh, platform),
         "kv_cache": kv_cache_bytes(cfg, mcfg, mesh),
         "rollout_copy": params * rollout_dtype.itemsize / jnp.dtype(mcfg.param_dtype).itemsize,
+        # The sampler slices each layer out of the stacks once per call (sampler.py): one more copy
+        # of the layers' weights in the rollout dtype while it runs.
+        "decode_layers": _bytes_per_device(state.params["layers"])
+        * rollout_dtype.itemsize
+        / jnp.dtype(mcfg.param_dtype).itemsize,
         "reference": params if cfg.algo.beta > 0 else 0,
     }
     resident = memory["params"] + memory["optimizer"] + memory["reference"]
@@ -267,7 +272,7 @@ def plan(cfg, num_devices: int, accelerator: str | None = None, platform: str | 
     memory["train_peak"] = resident + sum(
         memory[k] for k in ("gradients", "fsdp_transient", "update_transient", "activations")
     )
-    memory["rollout_peak"] = resident + memory["rollout_copy"] + memory["kv_cache"]
+    memory["rollout_peak"] = resident + sum(memory[k] for k in ("rollout_copy", "decode_layers", "kv_cache"))
     memory["peak"] = max(memory["train_peak"], memory["rollout_peak"])
     out = {
         "model": cfg.model.preset if not cfg.model.hf_path else cfg.model.hf_path,
@@ -367,7 +372,7 @@ def format_plan(p: dict) -> str:
             for name in ("params", "optimizer", "gradients", "fsdp_transient", "update_transient")
         ),
         f"  {'activations':<17}{gb(m['activations'])}",
-        *(f"  {name:<17}{gb(m[name])}" for name in ("kv_cache", "rollout_copy", "reference")),
+        *(f"  {name:<17}{gb(m[name])}" for name in ("kv_cache", "rollout_copy", "decode_layers", "reference")),
         f"  train peak   {gb(m['train_peak'])}   rollout peak {gb(m['rollout_peak'])}",
         "FLOPs per RL step: " + ", ".join(f"{k} {v:.3e}" for k, v in p["flops_per_step"].items()),
     ]

@@ -58,24 +58,26 @@ def apply_rope(x_bthd, cos_bth, sin_bth):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Every layer's preallocated cache, stacked on a leading layer axis (the scan over layers carries
-    it and each layer updates its own slice in place); slot s of row b holds position pos[b, s].
+    """Every layer's preallocated cache, one buffer per layer; slot s of row b holds position pos[b, s].
 
-    k, v: [L, B, S, kv_heads, head_dim]; valid: [B, S] bool (slot written with a real token);
-    pos: [B, S] int32 token position of each slot. All layers write the same slots, so valid and pos
-    are shared (used for causal and sliding-window masks).
+    k, v: tuples of L arrays [B, S, kv_heads, head_dim]; valid: [B, S] bool (slot written with a real
+    token); pos: [B, S] int32 token position of each slot. All layers write the same slots, so valid
+    and pos are shared (used for causal and sliding-window masks). The cache path runs the layers
+    unrolled, so each layer writes its own buffer in place and attention reads it where it lies: a
+    [L, ...] stack sliced per layer is copied whole by XLA:CPU at every decode step.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple
+    v: tuple
     valid: jax.Array
     pos: jax.Array
 
     @classmethod
     def zeros(cls, layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
+        buffers = lambda: tuple(jnp.zeros((batch, slots, kv_heads, head_dim), dtype) for _ in range(layers))
         return cls(
-            k=jnp.zeros((layers, batch, slots, kv_heads, head_dim), dtype),
-            v=jnp.zeros((layers, batch, slots, kv_heads, head_dim), dtype),
+            k=buffers(),
+            v=buffers(),
             valid=jnp.zeros((batch, slots), bool),
             pos=jnp.zeros((batch, slots), jnp.int32),
         )
@@ -88,28 +90,23 @@ class KVCache:
             pos=jax.lax.dynamic_update_slice(self.pos, pos_bt.astype(jnp.int32), (0, start)),
         )
 
-    def write_layer(self, layer, start, k_bthd, v_bthd) -> KVCache:
-        """Writes `layer`'s T new keys and values at slots [start, start + T) (both traced scalars)."""
-        at = (layer, 0, start, 0, 0)
-        return dataclasses.replace(
-            self,
-            k=jax.lax.dynamic_update_slice(self.k, k_bthd[None].astype(self.k.dtype), at),
-            v=jax.lax.dynamic_update_slice(self.v, v_bthd[None].astype(self.v.dtype), at),
-        )
+    def write_layer(self, layer: int, start, k_bthd, v_bthd) -> KVCache:
+        """Writes layer `layer`'s T new keys and values at slots [start, start + T) (start traced)."""
 
-    def layer_kv(self, layer):
-        """`layer`'s keys and values, [B, S, kv_heads, head_dim] each."""
-        take = lambda x: jax.lax.dynamic_index_in_dim(x, layer, axis=0, keepdims=False)
-        return take(self.k), take(self.v)
+        def write(buffers, new_bthd):
+            at = (0, start, 0, 0)
+            updated = jax.lax.dynamic_update_slice(buffers[layer], new_bthd.astype(buffers[layer].dtype), at)
+            return buffers[:layer] + (updated,) + buffers[layer + 1 :]
+
+        return dataclasses.replace(self, k=write(self.k, k_bthd), v=write(self.v, v_bthd))
+
+    def layer_kv(self, layer: int):
+        """Layer `layer`'s keys and values, [B, S, kv_heads, head_dim] each."""
+        return self.k[layer], self.v[layer]
 
     def repeat_rows(self, n: int) -> KVCache:
         """Each batch row n times in a row (row b becomes rows b*n .. b*n + n - 1)."""
-        return KVCache(
-            k=jnp.repeat(self.k, n, axis=1),
-            v=jnp.repeat(self.v, n, axis=1),
-            valid=jnp.repeat(self.valid, n, axis=0),
-            pos=jnp.repeat(self.pos, n, axis=0),
-        )
+        return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), self)
 
 
 def attention_mask(q_pos_bt, k_pos_bs, k_valid_bs, window: int | None):

@@ -103,11 +103,9 @@ class MoeBlock(nnx.Module):
             )
             self.shared_expert_gate = param(rngs, init, (d, 1), pdt, ("embed", None))
 
-    def __call__(self, x_btd, valid_bt, layer=None, replay_ids_btk=None):
+    def __call__(self, x_btd, valid_bt, replay_ids_btk=None):
         """Returns (y [B, T, D], RouterStats of this layer).
 
-        layer: None, or this layer's index when the expert weights are whole [L, E, ...] stacks (the
-        decoder's cache path); the tiled dispatch then slices (layer, expert) inside its loop.
         replay_ids_btk: None, or [B, T, k] expert ids to route with instead of the router's top-k.
         """
         b, t, d = x_btd.shape
@@ -117,35 +115,26 @@ class MoeBlock(nnx.Module):
         probs_te, ids_tk, weights_tk = route(
             x_td, self.router.value, self.top_k, self.norm_topk_prob, replay_ids_tk
         )
-        # Weights go in as stored: each strategy casts them to x's dtype where it reads them. On the
-        # cache path they arrive as whole [L, E, ...] stacks with this layer's index.
+        # Weights go in as stored: each strategy casts them to x's dtype where it reads them.
         experts = (self.gate_proj.value, self.up_proj.value, self.down_proj.value)
-        sliced = experts
-        if layer is not None:
-            sliced = tuple(jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) for w in experts)
         layout = None
         if self.expert_parallel == "auto":
-            layout = expert_parallel_layout(b, sliced[0].shape, sliced[2].shape)
+            layout = expert_parallel_layout(b, experts[0].shape, experts[2].shape)
         if layout is not None:
             y_btd, dropped = expert_parallel_dispatch(
                 x_btd,
                 ids_tk.reshape(b, t, -1),
                 weights_tk.reshape(b, t, -1),
                 valid_bt,
-                *sliced,
+                *experts,
                 layout=layout,
                 capacity_factor=self.capacity_factor,
                 inner=resolve_dispatch(self.dispatch),
             )
             y_td = y_btd.reshape(b * t, d)
         else:
-            strategy = resolve_dispatch(self.dispatch)
-            # tiled slices (layer, expert) inside its loop, so a stack is never copied per layer
-            args, extra = (
-                (experts, {"layer": layer}) if layer is not None and strategy == "tiled" else (sliced, {})
-            )
-            y_td, dropped = DISPATCH_STRATEGIES[strategy](
-                x_td, ids_tk, weights_tk, valid_t, *args, capacity_factor=self.capacity_factor, **extra
+            y_td, dropped = DISPATCH_STRATEGIES[resolve_dispatch(self.dispatch)](
+                x_td, ids_tk, weights_tk, valid_t, *experts, capacity_factor=self.capacity_factor
             )
         if hasattr(self, "shared_expert"):
             gate = jax.nn.sigmoid(x_td @ self.shared_expert_gate.value.astype(self.dtype))

@@ -3,6 +3,7 @@
 Decoder layers are stored stacked: each run of consecutive layers with the same structure (MLP dense
 or sparse, attention window) is one DecoderLayer whose parameters carry a leading layer axis, and
 `forward` runs it with `jax.lax.scan`, so the traced and compiled program does not grow with depth.
+The KV-cache path (prefill, decode) runs the layers unrolled instead (see `KVCache`).
 Released Qwen3 / Qwen1.5-MoE models are one run; mlp_only_layers / decoder_sparse_step give several.
 """
 
@@ -41,10 +42,6 @@ class DecoderOutput:
 RESIDUAL_AXES = ("batch", "seq", "embed")  # logical axes of the residual stream [B, T, D]
 
 
-# The MoE block's expert weights, [L, E, ...] in a stack of layers.
-_EXPERT_WEIGHTS = (("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
-
-
 def layer_runs(cfg: ModelConfig) -> tuple[tuple[int, int], ...]:
     """(first layer, length) of each run of consecutive layers with the same structure."""
     kind = lambda i: (cfg.is_moe_layer(i), cfg.layer_window(i))
@@ -81,7 +78,7 @@ class DecoderLayer(nnx.Module):
     def __call__(
         self, h_btd, pos_bt, valid_bt, cache=None, cache_start=None, layer=None, replay_ids_btk=None
     ):
-        """One layer: (h [B, T, D], cache with `layer`'s slice updated (or None), RouterStats or None).
+        """One layer: (h [B, T, D], cache with layer `layer`'s buffers updated (or None), RouterStats or None).
 
         replay_ids_btk: [B, T, k] expert ids for a MoE layer to route with (routing replay), or None."""
         # The residual stream keeps one layout at layer boundaries (sharding.ACTIVATION_RULES), so
@@ -94,8 +91,7 @@ class DecoderLayer(nnx.Module):
         normed = self.post_attention_layernorm(h_btd)
         stats = None
         if self.is_moe:
-            # With a cache the expert weights arrive as whole stacks (see _scan_layers).
-            mlp_out, stats = self.mlp(normed, valid_bt, None if cache is None else layer, replay_ids_btk)
+            mlp_out, stats = self.mlp(normed, valid_bt, replay_ids_btk)
         else:
             mlp_out = self.mlp(normed)
         return sharding.constrain(h_btd + mlp_out, RESIDUAL_AXES), cache, stats
@@ -148,13 +144,16 @@ class QwenMoeForCausalLM(nnx.Module):
         positions_bt=None,
         cache=None,
         cache_start=None,
+        layer_params=None,
         replay_expert_ids=None,
     ) -> DecoderOutput:
         """Runs the decoder.
 
         valid_bt: [B, T] 1 for real tokens, 0 for padding (default all real); positions_bt default to
         the running count of real tokens. With `cache` (from init_cache), the T tokens are written at
-        slots [cache_start, cache_start + T) and attend to everything cached so far.
+        slots [cache_start, cache_start + T) and attend to everything cached so far; the layers then
+        run unrolled, each with its own cache buffer, taking its parameters from `layer_params`
+        (`self.layer_params()`, computed once outside a decode loop) or slicing them from the stacks.
         replay_expert_ids: [L_moe, B, T, k] int32 expert choices (router_stats.expert_ids of an earlier
         forward over the same tokens) that every MoE layer routes with instead of its own top-k: the
         GSPO paper's Routing Replay. Combine weights still come from the current router.
@@ -167,16 +166,35 @@ class QwenMoeForCausalLM(nnx.Module):
         h = self.embed_tokens.value[input_ids_bt].astype(self.dtype)
         if cache is not None:
             cache = cache.write_slots(cache_start, valid_bt, positions_bt)
+        if layer_params is not None and len(layer_params) != self.config.num_hidden_layers:
+            raise ValueError(
+                f"layer_params has {len(layer_params)} entries for {self.config.num_hidden_layers} layers: "
+                "pass model.layer_params() of this model"
+            )
         replay_runs = self._split_replay_ids(replay_expert_ids, input_ids_bt.shape)
         stats = []
         for (first, _), stack, replay in zip(self.runs, self.layers, replay_runs):
-            h, cache, run_stats = self._scan_layers(
-                stack, first, h, positions_bt, valid_bt, cache, cache_start, replay
-            )
+            if cache is None:
+                h, run_stats = self._scan_layers(stack, first, h, positions_bt, valid_bt, replay)
+            else:
+                h, cache, run_stats = self._unrolled_layers(
+                    stack, first, h, positions_bt, valid_bt, cache, cache_start, layer_params, replay
+                )
             if run_stats is not None:
                 stats.append(run_stats)
         router_stats = jax.tree.map(lambda *s: jnp.concatenate(s), *stats) if stats else None
         return DecoderOutput(hidden=self.norm(h), cache=cache, router_stats=router_stats)
+
+    def layer_params(self) -> tuple:
+        """Every decoder layer's parameters sliced out of its stack: a tuple of L States for
+        `forward(..., layer_params=...)`. A decode loop takes them once, before the loop: XLA copies a
+        slice taken inside the loop at every step, even a static slice of a loop-invariant stack."""
+        sliced = []
+        for stack in self.layers:
+            _, params = nnx.split(stack)
+            count = jax.tree.leaves(params)[0].shape[0]
+            sliced.extend(jax.tree.map(lambda w, i=i: w[i], params) for i in range(count))
+        return tuple(sliced)
 
     def _split_replay_ids(self, ids_lbtk, tokens_shape) -> list:
         """[L_moe, B, T, k] replay ids -> one [count, B, T, k] slice per run (None for dense runs)."""
@@ -199,40 +217,48 @@ class QwenMoeForCausalLM(nnx.Module):
                 slices.append(None)
         return slices
 
-    def _scan_layers(self, stack, first, h_btd, pos_bt, valid_bt, cache, cache_start, replay_ids=None):
-        """Runs one stack of layers with lax.scan: (h, cache) is the carry, each step takes one layer's
-        parameters and index (and its [B, T, k] replay ids, if any); returns (h, cache, RouterStats
+    def _scan_layers(self, stack, first, h_btd, pos_bt, valid_bt, replay_ids=None):
+        """Runs one stack of layers with lax.scan: h is the carry, each step takes one layer's
+        parameters (and its [B, T, k] replay ids, if any); returns (h, RouterStats stacked over the
+        run or None)."""
+        graphdef, params = nnx.split(stack)
+
+        def one_layer(h_btd, layer_params_and_replay):
+            layer_params, replay_btk = layer_params_and_replay
+            layer_module = nnx.merge(graphdef, layer_params)
+            h_btd, _, stats = layer_module(h_btd, pos_bt, valid_bt, replay_ids_btk=replay_btk)
+            return h_btd, stats
+
+        # With remat, a layer's activations are recomputed in the backward pass instead of stored.
+        if self.config.remat:
+            policy = getattr(jax.checkpoint_policies, self.config.remat_policy)
+            one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)
+        count = jax.tree.leaves(params)[0].shape[0]
+        unroll = min(self.config.scan_unroll or count, count)
+        return jax.lax.scan(one_layer, h_btd, (params, replay_ids), unroll=unroll)
+
+    def _unrolled_layers(
+        self, stack, first, h_btd, pos_bt, valid_bt, cache, cache_start, layer_params, replay_ids
+    ):
+        """The cache path (prefill and decode, never differentiated): one stack's layers in a Python
+        loop, each writing and reading its own cache buffer in place; returns (h, cache, RouterStats
         stacked over the run or None)."""
         graphdef, params = nnx.split(stack)
         count = jax.tree.leaves(params)[0].shape[0]
-        # On the cache path (never differentiated) the expert stacks [L, E, ...] go in whole and the
-        # MoE block slices (layer, expert) itself: a per-layer slice fed to the tiled dispatch's loop
-        # would be copied whole (every expert) at every layer and decode step.
-        whole = nnx.State({})
-        if cache is not None and stack.is_moe:
-            flat = nnx.to_flat_state(params)
-            is_expert = lambda path: tuple(path[-2:]) in _EXPERT_WEIGHTS
-            whole = nnx.from_flat_state([(p, v) for p, v in flat if is_expert(p)])
-            params = nnx.from_flat_state([(p, v) for p, v in flat if not is_expert(p)])
-
-        def one_layer(carry, layer_params_and_index):
-            h_btd, cache = carry
-            layer_params, layer, replay_btk = layer_params_and_index
-            layer_module = nnx.merge(graphdef, layer_params, whole)
-            h_btd, cache, stats = layer_module(h_btd, pos_bt, valid_bt, cache, cache_start, layer, replay_btk)
-            return (h_btd, cache), stats
-
-        # With remat, a layer's activations are recomputed in the backward pass instead of stored
-        # (cache-free calls only: decoding is never differentiated).
-        if self.config.remat and cache is None:
-            policy = getattr(jax.checkpoint_policies, self.config.remat_policy)
-            one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)
-        layers = jnp.arange(first, first + count, dtype=jnp.int32)
-        unroll = min(self.config.scan_unroll or count, count)
-        (h_btd, cache), stats = jax.lax.scan(
-            one_layer, (h_btd, cache), (params, layers, replay_ids), unroll=unroll
-        )
-        return h_btd, cache, stats
+        stats = []
+        for i in range(count):
+            if layer_params is None:
+                one = jax.tree.map(lambda w: w[i], params)
+            else:
+                one = layer_params[first + i]
+            replay_btk = None if replay_ids is None else replay_ids[i]
+            layer_module = nnx.merge(graphdef, one)
+            h_btd, cache, layer_stats = layer_module(
+                h_btd, pos_bt, valid_bt, cache, cache_start, first + i, replay_btk
+            )
+            stats.append(layer_stats)
+        stacked = None if stats[0] is None else jax.tree.map(lambda *s: jnp.stack(s), *stats)
+        return h_btd, cache, stacked
 
     def lm_head_weight(self):
         """[D, V] output projection in the compute dtype (the transposed embedding when tied)."""

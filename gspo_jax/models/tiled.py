@@ -3,8 +3,9 @@ plain 2-D matmuls, so an expert no token chose is never read and no work or memo
 experts x tokens.
 
 Forward-only calls (decode, prefill, scoring) run `_tiled_forward`: assignments sorted by expert,
-each chosen expert's weights sliced once (from a whole [L, E, ...] stack on the cache path), its rows
-in tiles of `tile_rows`. Under differentiation a custom VJP runs a padded layout (`tile_layout`:
+each chosen expert's weights sliced once, its rows in tiles of `tile_rows`; with few rows per expert
+(decode) `_batched_forward` instead fills padded per-expert buffers and runs one batched product per
+projection, reading every expert's weights in place. Under differentiation a custom VJP runs a padded layout (`tile_layout`:
 each expert's run padded to whole tiles of `training_tile_rows`, so every tile has one expert); the
 forward keeps each row's gate and up pre-activations and the backward does six matmuls per tile.
 """
@@ -36,10 +37,10 @@ def expert_weight(w_e, expert, dtype):
     return w_e[expert].astype(dtype)
 
 
-def _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, layer=None):
-    """layer: None, or the index into stacked [L, E, ...] weights (forward only)."""
+def _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid):
+    """Forward only: a loop over the chosen experts, each one's weights sliced once, rows in tiles."""
     t, k = ids_tk.shape
-    num_experts = gate_edi.shape[-3]
+    num_experts = gate_edi.shape[0]
     tile = tile_rows(t * k, num_experts)
     valid_a = jnp.repeat(valid_t, k)  # a = t * k + j
     ids_a = jnp.where(valid_a, ids_tk.reshape(-1), num_experts)  # padding sorts after every expert
@@ -55,8 +56,7 @@ def _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid
 
     def one_expert(i, y_td):
         expert = chosen[i]
-        index = expert if layer is None else (layer, expert)
-        gate, up, down = (expert_weight(w, index, x_td.dtype) for w in (gate_edi, up_edi, down_eid))
+        gate, up, down = (expert_weight(w, expert, x_td.dtype) for w in (gate_edi, up_edi, down_eid))
 
         def one_tile(j, y_td):
             start = starts_e[expert] + j * tile
@@ -69,6 +69,67 @@ def _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid
         return jax.lax.fori_loop(0, -(-sizes_e[expert] // tile), one_tile, y_td)
 
     return jax.lax.fori_loop(0, jnp.sum(sizes_e > 0), one_expert, jnp.zeros_like(x_td))
+
+
+# Forward-only calls with at most this many assignments per expert on average run `_batched_forward`.
+# Measured on XLA:CPU (8 layers, 16 experts top-2, D = I = 512, per-layer weights): 64 rows 34 ms vs
+# 44 ms for the tile loop (which copies each expert's slice before its matmuls); 8 rows 22 vs 22;
+# 256 rows 85 vs 82; 1024 rows 244 vs 197.
+BATCHED_MAX_MEAN_ROWS = 16
+
+
+def capacity_buckets(num_assignments: int, num_experts: int, num_tokens: int) -> tuple[int, ...]:
+    """Per-expert buffer sizes `_batched_forward` chooses among: half-octave steps (c, 3c/2, 2c, ...)
+    from the power of two at or above the mean assignments per expert (at least 4) up to num_tokens,
+    the most one expert can receive (a token picks an expert at most once). Half octaves: with random
+    routing the busiest of 16 experts often holds 1.5-2x the mean, and a power-of-two step would then
+    double the buffers."""
+    mean = max(1, -(-num_assignments // num_experts))
+    octave, buckets = max(4, 1 << (mean - 1).bit_length()), []
+    while octave < num_tokens:
+        buckets += [c for c in (octave, octave * 3 // 2) if c < num_tokens]
+        octave *= 2
+    return (*buckets, num_tokens)
+
+
+def _batched_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid):
+    """Forward only, dropless: valid assignments scattered into per-expert buffers [E, C, D], C the
+    smallest bucket that holds the busiest expert (`capacity_buckets`, one lax.switch branch each),
+    then one batched product per projection. No expert's weights are sliced or copied; each is read
+    once, which is what a decode step with every expert chosen is bound by."""
+    t, k = ids_tk.shape
+    num_experts = gate_edi.shape[0]
+    ids_a = jnp.where(jnp.repeat(valid_t, k), ids_tk.reshape(-1), num_experts)  # a = t * k + j
+    onehot_ae = jax.nn.one_hot(ids_a, num_experts, dtype=jnp.int32)  # padding: a zero row
+    rank_a = jnp.sum((jnp.cumsum(onehot_ae, axis=0) - 1) * onehot_ae, axis=1)
+    busiest = jnp.max(jnp.sum(onehot_ae, axis=0))
+    capacities = capacity_buckets(t * k, num_experts, t)
+    x_ad = jnp.repeat(x_td, k, axis=0)
+
+    def with_capacity(capacity):
+        def run(x_ad):
+            slot_a = jnp.where(ids_a < num_experts, ids_a * capacity + rank_a, num_experts * capacity)
+            rows = jnp.zeros_like(x_ad, shape=(num_experts * capacity, x_ad.shape[1]))
+            x_ecd = rows.at[slot_a].set(x_ad, mode="drop").reshape(num_experts, capacity, -1)
+            gate = jnp.einsum("ecd,edi->eci", x_ecd, gate_edi)
+            h_eci = jax.nn.silu(gate) * jnp.einsum("ecd,edi->eci", x_ecd, up_edi)
+            y_ecd = jnp.einsum("eci,eid->ecd", h_eci, down_eid)
+            return y_ecd.reshape(num_experts * capacity, -1).at[slot_a].get(mode="fill", fill_value=0)
+
+        return run
+
+    bucket = jnp.searchsorted(jnp.asarray(capacities), busiest)
+    y_ad = jax.lax.switch(bucket, [with_capacity(c) for c in capacities], x_ad)
+    return jnp.sum(y_ad.reshape(t, k, -1) * weights_tk[..., None].astype(x_td.dtype), axis=1)
+
+
+def _forward_only(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid):
+    """`_batched_forward` when experts get few rows on average and the weights need no cast (casting
+    a whole [E, ...] stack every call would read and write every expert), else `_tiled_forward`."""
+    few_rows = ids_tk.size <= BATCHED_MAX_MEAN_ROWS * gate_edi.shape[0]
+    same_dtype = all(w.dtype == x_td.dtype for w in (gate_edi, up_edi, down_eid))
+    forward = _batched_forward if few_rows and same_dtype else _tiled_forward
+    return forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid)
 
 
 def training_tile_rows(num_assignments: int, num_experts: int) -> int:
@@ -237,7 +298,7 @@ def _tiled_train_backward(x_td, weights_tk, gate_edi, up_edi, down_eid, layout, 
 
 @jax.custom_vjp
 def _tiled_moe(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid):
-    return _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid)
+    return _forward_only(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid)
 
 
 def _tiled_moe_fwd(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid):
@@ -262,22 +323,16 @@ def _tiled_moe_bwd(residuals, dy_td):
 _tiled_moe.defvjp(_tiled_moe_fwd, _tiled_moe_bwd)
 
 
-def tiled_dispatch(
-    x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, *, capacity_factor, layer=None
-):
+def tiled_dispatch(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, *, capacity_factor):
     """Dropless loop over the chosen experts only: each one's weights are sliced once and its
     assignments (sorted by expert) run through SwiGLU in tiles of `tile_rows` rows.
 
-    An expert no real token chose is never read, which is what a decode step on CPU is bound by.
-    Loop bounds depend on the routing, so differentiation goes through a custom VJP: padded
-    expert-sorted row tiles forward and backward (`tile_layout`), work and memory in routed rows.
-    With `layer`, the weights are whole [L, E, ...] stacks and each chosen expert is sliced straight
-    from them (a forward-only path: decode and prefill).
+    An expert no real token chose is never read. Forward-only calls with few rows per expert run
+    `_batched_forward` instead (see `_forward_only`). Loop bounds depend on the routing, so
+    differentiation goes through a custom VJP: padded expert-sorted row tiles forward and backward
+    (`tile_layout`), work and memory in routed rows.
     Returns (y [T, D], dropped=0).
     """
     del capacity_factor
-    if layer is not None:
-        y = _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, layer)
-    else:
-        y = _tiled_moe(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid)
+    y = _tiled_moe(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid)
     return y, jnp.zeros((), jnp.float32)
