@@ -150,8 +150,9 @@ def moe_bytes(mcfg: ModelConfig, mesh, tokens: int, platform: str) -> float:
 def activation_bytes(cfg, mcfg: ModelConfig, mesh, platform: str) -> float:
     """Peak activation bytes per device of one update minibatch (forward + backward).
 
-    Per layer: norms, q/k/v/o projections, fp32 attention scores and probabilities over the whole
-    [T, T] (no flash attention), router probabilities and the MoE dispatch buffers of the strategy
+    Per layer: norms, q/k/v/o projections, fp32 attention scores and probabilities (over the whole
+    [T, T] when unchunked; with model.attention_chunk one [chunk, T] block at a time, recomputed in
+    the backward pass, so not kept per layer), router probabilities and the MoE dispatch buffers of the strategy
     the config resolves to on `platform` (moe_bytes). Without remat every layer's internals are kept
     for the backward pass; with remat only each layer's input is, plus one layer's internals
     recomputed and their gradients. Logits exist one `logprob_chunk` of time steps at a time."""
@@ -163,7 +164,9 @@ def activation_bytes(cfg, mcfg: ModelConfig, mesh, platform: str) -> float:
     d, hd = mcfg.hidden_size, mcfg.head_dim
     heads, kv = _split(mcfg.num_attention_heads, tp), _split(mcfg.num_key_value_heads, tp)
     tokens = b * t
-    attention = tokens * c * (4 * d + 2 * (heads + 2 * kv) * hd + heads * hd) + b * heads * t * t * (4 + c)
+    chunked = 0 < mcfg.attention_chunk < t
+    scores = b * heads * (mcfg.attention_chunk if chunked else t) * t * (4 + c)
+    attention = tokens * c * (4 * d + 2 * (heads + 2 * kv) * hd + heads * hd) + (0 if chunked else scores)
     if mcfg.num_experts:
         mlp = tokens * 2 * mcfg.num_experts * 4 + moe_bytes(mcfg, mesh, math.ceil(tokens), platform)
     else:
@@ -173,7 +176,7 @@ def activation_bytes(cfg, mcfg: ModelConfig, mesh, platform: str) -> float:
     kept = layers * tokens * d * c + 2 * layer if mcfg.remat else layers * layer
     chunk = min(int(cfg.model.logprob_chunk), t)
     logits = 3 * b * chunk * _split(mcfg.vocab_size, tp) * 4
-    return kept + logits + 2 * tokens * d * 4
+    return kept + logits + 2 * tokens * d * 4 + (scores if chunked else 0)
 
 
 def fsdp_transient_bytes(params) -> int:

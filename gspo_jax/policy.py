@@ -38,6 +38,7 @@ def runtime_settings(cfg) -> dict:
         expert_parallel=cfg.model.get("expert_parallel", "auto"),
         remat_policy=cfg.model.get("remat_policy", "nothing_saveable"),
         scan_unroll=cfg.model.get("scan_unroll", 1),
+        attention_chunk=cfg.model.get("attention_chunk", 128),
     )
 
 

@@ -31,6 +31,7 @@ QWEN3_CASES = {
     "rope_theta_1e6": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
     "attention_bias": dict(attention_bias=True),
     "sliding_window": dict(use_sliding_window=True, sliding_window=4),
+    "sliding_window_chunked": dict(use_sliding_window=True, sliding_window=4),
 }
 
 
@@ -39,7 +40,7 @@ def test_qwen3_logits_match_transformers(tmp_path, case):
     hf = build_hf_model("qwen3", **QWEN3_CASES[case])
     path = save_hf_model(hf, tmp_path / case)
     ids = _ids(hf.config.vocab_size, (2, 40) if case == "rope_theta_1e6" else (2, 11))
-    model = gspo_jax.from_pretrained(path)
+    model = gspo_jax.from_pretrained(path, attention_chunk=4 if case.endswith("chunked") else 0)
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(hf, ids), atol=TOL, rtol=0)
 
 
@@ -117,9 +118,11 @@ def test_aux_loss_matches_transformers_with_and_without_padding(tmp_path, kind):
     assert abs(float(unmasked) - float(masked)) > 1e-4
 
 
-def test_left_padded_rows_match_unpadded(tmp_path):
+@pytest.mark.parametrize("attention_chunk", [0, 3])
+def test_left_padded_rows_match_unpadded(tmp_path, attention_chunk):
+    """attention_chunk=3: query chunks that split the padding and the prompt (with its key prefix)."""
     hf = build_hf_model("qwen3", weight_std=0.2)
-    model = gspo_jax.from_pretrained(save_hf_model(hf, tmp_path / "m"))
+    model = gspo_jax.from_pretrained(save_hf_model(hf, tmp_path / "m"), attention_chunk=attention_chunk)
     ids = _ids(hf.config.vocab_size, (1, 7))
     padded = np.concatenate([np.zeros((1, 3), ids.dtype), ids], axis=1)
     mask = np.array([[0, 0, 0] + [1] * 7])
@@ -225,15 +228,18 @@ def _torch_grads_in_our_layout(hf, ids, path):
 
 
 @pytest.mark.parametrize(
-    "remat_policy, scan_unroll", [(None, 1), ("nothing_saveable", 1), ("dots_saveable", 1), (None, 0)]
+    "remat_policy, scan_unroll, attention_chunk",
+    [(None, 1, 0), ("nothing_saveable", 1, 0), ("dots_saveable", 1, 0), (None, 0, 0), (None, 1, 4)],
 )
-def test_scanned_heterogeneous_stack_gradients_match_torch(tmp_path, remat_policy, scan_unroll):
+def test_scanned_heterogeneous_stack_gradients_match_torch(tmp_path, remat_policy, scan_unroll, attention_chunk):
+    """attention_chunk=4 over 9 tokens: three query chunks (the last one short), each seeing only
+    its causal key prefix, recomputed in the backward pass."""
     hf = build_hf_model("qwen3", weight_std=0.2, **HETEROGENEOUS)
     path = save_hf_model(hf, tmp_path / "m")
     ids = _ids(hf.config.vocab_size, (2, 9))
     ref_loss, ref_grads = _torch_grads_in_our_layout(hf, ids, str(tmp_path / "grads"))
     runtime = {"remat": True, "remat_policy": remat_policy} if remat_policy else {}
-    model = gspo_jax.from_pretrained(path, scan_unroll=scan_unroll, **runtime)
+    model = gspo_jax.from_pretrained(path, scan_unroll=scan_unroll, attention_chunk=attention_chunk, **runtime)
     assert model.runs == ((0, 1), (1, 1), (2, 2))
     graphdef, params = nnx.split(model)
 
@@ -244,7 +250,7 @@ def test_scanned_heterogeneous_stack_gradients_match_torch(tmp_path, remat_polic
         return jnp.sum(jnp.take_along_axis(logp, jnp.asarray(ids[:, 1:])[..., None], -1)) + out.aux_loss
 
     jaxpr = str(jax.make_jaxpr(jax.grad(loss_fn))(params))
-    assert ("checkpoint" in jaxpr or "remat" in jaxpr) == bool(remat_policy)
+    assert ("checkpoint" in jaxpr or "remat" in jaxpr) == bool(remat_policy or attention_chunk)
     assert jaxpr.count("scan[") >= 3  # one scan per run (unrolled inside when scan_unroll=0)
     assert ("unroll=2" in jaxpr) == (scan_unroll == 0)  # the two-layer run
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)

@@ -83,3 +83,24 @@ def test_decode_loop_never_copies_weights_or_cache_buffers():
     assert not copied, copied[:3]
     cache_ops = [line for line in lines if re.search(shape_of(cache), line)]
     assert cache_ops and all("dynamic-update-slice" in line.split("=")[0] for line in cache_ops), cache_ops
+
+
+def test_chunked_attention_does_not_keep_every_layers_scores():
+    """With attention_chunk the backward pass recomputes each query chunk's scores instead of keeping
+    every layer's fp32 [B, heads, T, T] scores and probabilities: the compiled gradient's temporaries
+    shrink by at least the scores of all layers (measured at 2064 tokens, 16 rows: 14.8 -> 4.8 GB,
+    and 31.6 -> 13.8 s)."""
+    batch, tokens = 2, 256
+    cfg = SMALL.replace(num_hidden_layers=3, scan_unroll=1)
+    ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
+
+    def temp_bytes(chunk):
+        graphdef, params = nnx.split(
+            nnx.eval_shape(lambda: QwenMoeForCausalLM(cfg.replace(attention_chunk=chunk), rngs=nnx.Rngs(0)))
+        )
+        loss = lambda p, ids: jnp.sum(nnx.merge(graphdef, p).forward(ids).hidden ** 2)
+        compiled = jax.jit(jax.grad(loss)).lower(params, ids).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    scores = cfg.num_hidden_layers * batch * cfg.num_attention_heads * tokens * tokens * 4
+    assert temp_bytes(0) - temp_bytes(32) >= scores

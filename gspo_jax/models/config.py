@@ -81,6 +81,9 @@ class ModelConfig:
     # layer's saved activations in and out of stacked buffers (small models); deep models on TPU/GPU
     # keep 1 for compile time and memory.
     scan_unroll: int = 1
+    # Query rows per chunk of cache-free attention (training, scoring): the backward keeps one chunk's
+    # [chunk, T] scores, and keys after a chunk are skipped. 0: one [T, T] call.
+    attention_chunk: int = 128
 
     def __post_init__(self):
         errors = []
@@ -105,6 +108,8 @@ class ModelConfig:
             errors.append(f"moe_dispatch={self.moe_dispatch!r}: use one of {MOE_DISPATCH_STRATEGIES}")
         if self.expert_parallel not in EXPERT_PARALLEL_MODES:
             errors.append(f"expert_parallel={self.expert_parallel!r}: use one of {EXPERT_PARALLEL_MODES}")
+        if not isinstance(self.attention_chunk, int) or self.attention_chunk < 0:
+            errors.append(f"attention_chunk={self.attention_chunk!r}: use an int >= 0 (0: no chunking)")
         if not isinstance(self.scan_unroll, int) or self.scan_unroll < 0:
             errors.append(f"scan_unroll={self.scan_unroll!r}: use an int >= 0 (0 unrolls every layer)")
         if self.remat_policy not in REMAT_POLICIES:

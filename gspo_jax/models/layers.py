@@ -134,6 +134,31 @@ def grouped_attention(q_bthd, k_bshd, v_bshd, mask_bts):
     return out.reshape(b, t, heads, d)
 
 
+def causal_self_attention(q_bthd, k_bthd, v_bthd, pos_bt, valid_bt, window: int | None, chunk: int):
+    """Attention of a call's tokens over themselves (no cache), in query chunks of `chunk` rows.
+
+    Chunk c attends only to keys [0, end of c): the later ones are in its future (left-padded rows,
+    positions non-decreasing along T), which skips about half the [T, T] scores. Each chunk runs under
+    jax.checkpoint, so the backward pass recomputes one chunk's scores and probabilities instead of
+    keeping all of them: memory O(T * chunk) instead of O(T^2). chunk 0 or >= T: one plain call.
+    """
+    t = q_bthd.shape[1]
+    if not chunk or t <= chunk:
+        return grouped_attention(q_bthd, k_bthd, v_bthd, attention_mask(pos_bt, pos_bt, valid_bt, window))
+
+    def one_chunk(start, end):
+        # Slices inside the checkpoint: the backward pass then keeps the whole keys once, not a
+        # copy of every chunk's key prefix.
+        def attend(q, k, v, pos, valid):
+            mask = attention_mask(pos[:, start:end], pos[:, :end], valid[:, :end], window)
+            return grouped_attention(q[:, start:end], k[:, :end], v[:, :end], mask)
+
+        return jax.checkpoint(attend, prevent_cse=False)(q_bthd, k_bthd, v_bthd, pos_bt, valid_bt)
+
+    outputs = [one_chunk(start, min(start + chunk, t)) for start in range(0, t, chunk)]
+    return jnp.concatenate(outputs, axis=1)
+
+
 def _one_query_attention(q_bkgd, k_bshd, v_bshd, mask_bs):
     """Decode step (one query per row) as multiply-and-reduce over the cache: [B, K, G, D].
 
@@ -160,6 +185,7 @@ class Attention(nnx.Module):
         self.num_heads, self.head_dim = nq, hd
         self.rope_theta = cfg.rope_theta
         self.window = cfg.layer_window(layer)
+        self.chunk = cfg.attention_chunk
         self.dtype = jnp.dtype(cfg.dtype)
         self.q_proj = param(rngs, init, (d, nq, hd), pdt, ("embed", "q_heads", "head_dim"))
         self.k_proj = param(rngs, init, (d, nkv, hd), pdt, ("embed", "kv_heads", "head_dim"))
@@ -197,13 +223,11 @@ class Attention(nnx.Module):
         cos, sin = rope_cos_sin(pos_bt, self.head_dim, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            keys, values, k_pos, k_valid = k, v, pos_bt, valid_bt
+            out = causal_self_attention(q, k, v, pos_bt, valid_bt, self.window, self.chunk)
         else:
             cache = cache.write_layer(layer, cache_start, k, v)
             keys, values = (x.astype(self.dtype) for x in cache.layer_kv(layer))
-            k_pos, k_valid = cache.pos, cache.valid
-        mask = attention_mask(pos_bt, k_pos, k_valid, self.window)
-        out = grouped_attention(q, keys, values, mask)
+            out = grouped_attention(q, keys, values, attention_mask(pos_bt, cache.pos, cache.valid, self.window))
         out = sharding.constrain(out, ("batch", "seq", "q_heads", "head_dim"))
         y = jnp.einsum("bthk,hkd->btd", out, self.o_proj.value.astype(self.dtype))
         if hasattr(self, "o_bias"):
