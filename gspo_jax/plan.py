@@ -103,7 +103,9 @@ def dispatch_strategy(name: str, platform: str) -> str:
     return "tiled" if platform == "cpu" else "ragged"
 
 
-def expert_bytes(strategy: str, tokens: int, k: int, experts: int, factor: float, d: int, i: int, c: int) -> float:
+def expert_bytes(
+    strategy: str, tokens: int, k: int, experts: int, factor: float, d: int, i: int, c: int
+) -> float:
     """Activation bytes of one MoE dispatch over `tokens` rows with k choices among `experts`.
 
     Each expert row holds its input and output [D] and gate, up, silu(gate) * up [I]. ragged: one row
@@ -375,7 +377,10 @@ def format_plan(p: dict) -> str:
             for name in ("params", "optimizer", "gradients", "fsdp_transient", "update_transient")
         ),
         f"  {'activations':<17}{gb(m['activations'])}",
-        *(f"  {name:<17}{gb(m[name])}" for name in ("kv_cache", "rollout_copy", "decode_layers", "reference")),
+        *(
+            f"  {name:<17}{gb(m[name])}"
+            for name in ("kv_cache", "rollout_copy", "decode_layers", "reference")
+        ),
         f"  train peak   {gb(m['train_peak'])}   rollout peak {gb(m['rollout_peak'])}",
         "FLOPs per RL step: " + ", ".join(f"{k} {v:.3e}" for k, v in p["flops_per_step"].items()),
     ]

@@ -230,7 +230,11 @@ class Sampler:
         # Sliced once here: a slice of the layer stacks inside the loop would be copied every step.
         layer_params = model.layer_params()
         prefill = model.forward(
-            prompt_ids.astype(jnp.int32), valid_bt=valid_bp, cache=cache, cache_start=0, layer_params=layer_params
+            prompt_ids.astype(jnp.int32),
+            valid_bt=valid_bp,
+            cache=cache,
+            cache_start=0,
+            layer_params=layer_params,
         )
         last_logits_bv = model.logits(prefill.hidden[:, -1])
         # G samples per prompt: repeat the prefilled cache, not the prefill.

@@ -87,7 +87,10 @@ def test_forward_only_tiled_paths_match_numpy(tokens, skew, batched):
         assert busiest > buckets[0], (busiest, buckets)  # not the smallest buffer
     y, _ = tiled.tiled_dispatch(
         *map(jnp.asarray, (x.astype(np.float32), ids, weights.astype(np.float32), valid)),
-        gate, up, down, capacity_factor=0.0,
+        gate,
+        up,
+        down,
+        capacity_factor=0.0,
     )
     ref, _ = numpy_moe(x, ids, weights, valid, gate, up, down)
     np.testing.assert_allclose(np.asarray(y)[valid], ref[valid], rtol=1e-5, atol=1e-5)
@@ -119,7 +122,8 @@ def test_strategies_give_same_gradients():
         return jnp.sum(jnp.sin(y))
 
     grads = {
-        s: jax.grad(loss, argnums=(1, 2, 3, 4, 5))(s, x, weights, *experts) for s in dispatch.DISPATCH_STRATEGIES
+        s: jax.grad(loss, argnums=(1, 2, 3, 4, 5))(s, x, weights, *experts)
+        for s in dispatch.DISPATCH_STRATEGIES
     }
     for s in ("capacity", "ragged", "tiled"):
         for g, g_ref in zip(grads[s], grads["dense"]):
@@ -179,7 +183,9 @@ def test_tiled_backward_memory_grows_with_routed_rows_not_experts_times_tokens()
     def loss(x, router, gate, up, down, strategy):
         _, ids, weights = moe.route(x, router, k, norm_topk_prob=True)
         valid = jnp.ones(t, bool)
-        y, _ = dispatch.DISPATCH_STRATEGIES[strategy](x, ids, weights, valid, gate, up, down, capacity_factor=0.0)
+        y, _ = dispatch.DISPATCH_STRATEGIES[strategy](
+            x, ids, weights, valid, gate, up, down, capacity_factor=0.0
+        )
         return jnp.sum(y * y)
 
     def temp_bytes(strategy):

@@ -5,7 +5,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-import pytest
 from flax import nnx
 
 from gspo_jax.lowering import lower_train_step

@@ -227,7 +227,9 @@ class Attention(nnx.Module):
         else:
             cache = cache.write_layer(layer, cache_start, k, v)
             keys, values = (x.astype(self.dtype) for x in cache.layer_kv(layer))
-            out = grouped_attention(q, keys, values, attention_mask(pos_bt, cache.pos, cache.valid, self.window))
+            out = grouped_attention(
+                q, keys, values, attention_mask(pos_bt, cache.pos, cache.valid, self.window)
+            )
         out = sharding.constrain(out, ("batch", "seq", "q_heads", "head_dim"))
         y = jnp.einsum("bthk,hkd->btd", out, self.o_proj.value.astype(self.dtype))
         if hasattr(self, "o_bias"):

@@ -248,7 +248,7 @@ class QwenMoeForCausalLM(nnx.Module):
         stats = []
         for i in range(count):
             if layer_params is None:
-                one = jax.tree.map(lambda w: w[i], params)
+                one = jax.tree.map(lambda w, i=i: w[i], params)
             else:
                 one = layer_params[first + i]
             replay_btk = None if replay_ids is None else replay_ids[i]
