@@ -27,7 +27,7 @@ one update at the shape (medium: 16 x 4 rows of 16 + 128 = 9216 tokens), best of
 compiling call (dense and dropless capacity do E/k = 8x the routed work there: ~8 s per call on 2 cores,
 `tiled` ~1 s). `sweep` runs rl_step (sampler1) on the small model for each completion length and
 group size (8 prompts) and writes rl_sweep.png and, with --json, the rows; the default is 2 timed
-steps each (~5 min per point at 2048 tokens on a 2-core CPU).
+steps each (2-core CPU: 1.5-8 min per 2048-token point, 19 min for the default sweep).
 """
 
 from __future__ import annotations
