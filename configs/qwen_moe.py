@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = False  # recompute decoder layers in the backward pass (long completions, big models)
     c.model.remat_policy = "nothing_saveable"  # what remat keeps: nothing_saveable | dots_saveable
     c.model.scan_unroll = 0  # decoder layers per scan iteration; 0: all (small models on CPU)
+    c.model.decode_layers = "auto"  # prefill/decode layers: auto (unrolled on CPU) | unrolled | scan
     c.model.attention_chunk = 128  # query rows per training-attention chunk (memory O(T * chunk)); 0: off
     c.model.aux_loss_coef = config_dict.placeholder(float)  # None: the model's router_aux_loss_coef
     c.model.logprob_chunk = 256  # time steps per chunk of the LM-head log-softmax

@@ -39,6 +39,7 @@ def runtime_settings(cfg) -> dict:
         remat_policy=cfg.model.get("remat_policy", "nothing_saveable"),
         scan_unroll=cfg.model.get("scan_unroll", 1),
         attention_chunk=cfg.model.get("attention_chunk", 128),
+        decode_layers=cfg.model.get("decode_layers", "auto"),
     )
 
 

@@ -11,9 +11,10 @@ What happens inside the one jitted call:
   3. Sample token 0; then each loop step feeds the previous token at slot P + i (position
      prompt_len + i), samples the next one, and records it. The loop ends after N tokens or as
      soon as every row has produced a stop id. Cache and outputs are loop carries, updated in
-     place; nothing leaves the device and no Python runs per token. Each layer's parameters are
-     sliced out of the layer stacks once, before the loop (one copy of the layers' weights for the
-     call's duration): XLA copies a slice taken inside the loop at every step. The cache is allocated inside
+     place; nothing leaves the device and no Python runs per token. When the model decodes with
+     unrolled layers (ModelConfig.decode_layers; on CPU), each layer's parameters are sliced out of
+     the layer stacks once, before the loop (one copy of the layers' weights for the call's
+     duration): XLA copies a slice taken inside the loop at every step. The cache is allocated inside
      the call and never crosses the jit boundary, so there is no buffer to donate.
 
 Speed on CPU: pass a bfloat16 copy of the parameters for rollouts (the MoE decode path then reads
@@ -228,7 +229,7 @@ class Sampler:
         valid_bp = prompt_mask.astype(bool)
         cache = model.init_cache(batch, width + n - 1, self.cache_dtype)
         # Sliced once here: a slice of the layer stacks inside the loop would be copied every step.
-        layer_params = model.layer_params()
+        layer_params = None if cache.stacked else model.layer_params()
         prefill = model.forward(
             prompt_ids.astype(jnp.int32),
             valid_bt=valid_bp,

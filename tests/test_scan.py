@@ -5,6 +5,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gspo_jax.lowering import lower_train_step
@@ -63,7 +64,7 @@ def test_decode_loop_never_copies_weights_or_cache_buffers():
     every step, even a static one), and a layer's cache buffer is only ever written in place. Both
     copies were there before (measured at the medium bench shape: 2.0 s of expert-slice copies and
     0.7 s of cache-slice copies in an 11 s rollout)."""
-    cfg = SMALL.replace(num_hidden_layers=3, num_experts=6, moe_dispatch="tiled")
+    cfg = SMALL.replace(num_hidden_layers=3, num_experts=6, moe_dispatch="tiled", decode_layers="unrolled")
     graphdef, params = nnx.split(nnx.eval_shape(lambda: QwenMoeForCausalLM(cfg, rngs=nnx.Rngs(0))))
     batch, width, samples, new = 2, 4, 2, 5
     sampler = Sampler(graphdef, max_new_tokens=new, num_samples=samples)
@@ -103,3 +104,26 @@ def test_chunked_attention_does_not_keep_every_layers_scores():
 
     scores = cfg.num_hidden_layers * batch * cfg.num_attention_heads * tokens * tokens * 4
     assert temp_bytes(0) - temp_bytes(32) >= scores
+
+
+def test_scanned_and_unrolled_decoding_sample_the_same_tokens():
+    """decode_layers="scan" (one [L, ...] cache carried by the layer scan: what accelerators run, with
+    compile time flat in depth) and "unrolled" (per-layer buffers, weights sliced once: CPU) decode
+    the same greedy tokens with the same log-probs, over several layer runs, G > 1 and a stop id."""
+    cfg = SMALL.replace(
+        num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=(3,), initializer_range=0.3
+    )
+    prompts = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (3, 6)), jnp.int32)
+    mask = jnp.ones(prompts.shape, bool).at[0, :2].set(False)
+    outputs = {}
+    for mode in ("scan", "unrolled"):
+        model = QwenMoeForCausalLM(cfg.replace(decode_layers=mode), rngs=nnx.Rngs(0))
+        assert model.init_cache(1, 2).stacked == (mode == "scan")
+        graphdef, params = nnx.split(model)
+        sampler = Sampler(graphdef, max_new_tokens=7, num_samples=2, temperature=0.0, stop_ids=(52,))
+        outputs[mode] = sampler(params, prompts, mask, jax.random.key(0))
+    scan, unrolled = outputs["scan"], outputs["unrolled"]
+    np.testing.assert_array_equal(np.asarray(scan.completion_ids), np.asarray(unrolled.completion_ids))
+    np.testing.assert_array_equal(np.asarray(scan.completion_mask), np.asarray(unrolled.completion_mask))
+    np.testing.assert_allclose(np.asarray(scan.logprobs), np.asarray(unrolled.logprobs), atol=1e-5)
+    assert 0 < int(jnp.sum(scan.completion_mask == 0))  # some row stopped early

@@ -11,11 +11,13 @@ import json
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "qwen2_moe")
 MOE_DISPATCH_STRATEGIES = ("auto", "dense", "capacity", "ragged", "tiled")
 EXPERT_PARALLEL_MODES = ("auto", "off")
+DECODE_LAYER_MODES = ("auto", "scan", "unrolled")
 # What a rematerialised layer keeps for the backward pass: nothing (recompute the whole layer), or the
 # results of its matmuls (recompute only the cheap elementwise work; more memory, fewer FLOPs).
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable")
@@ -84,6 +86,11 @@ class ModelConfig:
     # Query rows per chunk of cache-free attention (training, scoring): the backward keeps one chunk's
     # [chunk, T] scores, and keys after a chunk are skipped. 0: one [T, T] call.
     attention_chunk: int = 128
+    # The KV-cache path (prefill, decode): "unrolled" layers with per-layer cache buffers and weights
+    # sliced once before the decode loop (fast on CPU, compile time grows with depth), "scan" over the
+    # stacks with one [L, ...] cache (compile time flat in depth); auto: unrolled on CPU or when
+    # scan_unroll is 0, else scan.
+    decode_layers: str = "auto"
 
     def __post_init__(self):
         errors = []
@@ -110,6 +117,8 @@ class ModelConfig:
             errors.append(f"expert_parallel={self.expert_parallel!r}: use one of {EXPERT_PARALLEL_MODES}")
         if not isinstance(self.attention_chunk, int) or self.attention_chunk < 0:
             errors.append(f"attention_chunk={self.attention_chunk!r}: use an int >= 0 (0: no chunking)")
+        if self.decode_layers not in DECODE_LAYER_MODES:
+            errors.append(f"decode_layers={self.decode_layers!r}: use one of {DECODE_LAYER_MODES}")
         if not isinstance(self.scan_unroll, int) or self.scan_unroll < 0:
             errors.append(f"scan_unroll={self.scan_unroll!r}: use an int >= 0 (0 unrolls every layer)")
         if self.remat_policy not in REMAT_POLICIES:
@@ -130,6 +139,12 @@ class ModelConfig:
             errors.append("sliding_attention layers need sliding_window > 0")
         if errors:
             raise ValueError("Invalid ModelConfig:\n  " + "\n  ".join(errors))
+
+    def decodes_unrolled(self) -> bool:
+        """Whether the cache path runs the layers unrolled (see decode_layers)."""
+        if self.decode_layers == "auto":
+            return jax.default_backend() == "cpu" or self.scan_unroll == 0
+        return self.decode_layers == "unrolled"
 
     def is_moe_layer(self, layer: int) -> bool:
         """HF's rule: sparse iff not in mlp_only_layers, experts exist and (layer+1) % step == 0."""
@@ -387,9 +402,13 @@ def config_errors(model) -> list[str]:
         if model[key] not in DTYPES:
             errors.append(f"--config.model.{key}: {model[key]!r}: use one of {DTYPES}")
     if model.rollout_dtype not in ("",) + DTYPES:
-        errors.append(f"--config.model.rollout_dtype: {model.rollout_dtype!r}: use '' (same as param_dtype) or one of {DTYPES}")
+        errors.append(
+            f"--config.model.rollout_dtype: {model.rollout_dtype!r}: use '' (same as param_dtype) or one of {DTYPES}"
+        )
     if model.moe_dispatch not in MOE_DISPATCH_STRATEGIES:
-        errors.append(f"--config.model.moe_dispatch: {model.moe_dispatch!r}: use one of {MOE_DISPATCH_STRATEGIES}")
+        errors.append(
+            f"--config.model.moe_dispatch: {model.moe_dispatch!r}: use one of {MOE_DISPATCH_STRATEGIES}"
+        )
     if model.logprob_chunk < 1:
         errors.append("--config.model.logprob_chunk: must be >= 1")
     if model.hf_path:

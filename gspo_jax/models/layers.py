@@ -58,29 +58,39 @@ def apply_rope(x_bthd, cos_bth, sin_bth):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Every layer's preallocated cache, one buffer per layer; slot s of row b holds position pos[b, s].
+    """Every layer's preallocated cache; slot s of row b holds position pos[b, s].
 
-    k, v: tuples of L arrays [B, S, kv_heads, head_dim]; valid: [B, S] bool (slot written with a real
-    token); pos: [B, S] int32 token position of each slot. All layers write the same slots, so valid
-    and pos are shared (used for causal and sliding-window masks). The cache path runs the layers
-    unrolled, so each layer writes its own buffer in place and attention reads it where it lies: a
-    [L, ...] stack sliced per layer is copied whole by XLA:CPU at every decode step.
+    k, v: a tuple of L buffers [B, S, kv_heads, head_dim] (layers run unrolled: each writes its own
+    buffer in place and attention reads it where it lies) or one stacked [L, B, S, kv_heads, head_dim]
+    array (layers run as a scan that carries it; XLA:CPU copies a layer's slice at every step).
+    valid: [B, S] bool (slot written with a real token); pos: [B, S] int32 token position of each
+    slot. All layers write the same slots, so valid and pos are shared (causal and window masks).
     """
 
-    k: tuple
-    v: tuple
+    k: jax.Array | tuple
+    v: jax.Array | tuple
     valid: jax.Array
     pos: jax.Array
 
     @classmethod
-    def zeros(cls, layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
-        buffers = lambda: tuple(jnp.zeros((batch, slots, kv_heads, head_dim), dtype) for _ in range(layers))
+    def zeros(
+        cls, layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype, *, stacked: bool
+    ) -> KVCache:
+        shape = (batch, slots, kv_heads, head_dim)
+        if stacked:
+            buffers = lambda: jnp.zeros((layers, *shape), dtype)
+        else:
+            buffers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(layers))
         return cls(
             k=buffers(),
             v=buffers(),
             valid=jnp.zeros((batch, slots), bool),
             pos=jnp.zeros((batch, slots), jnp.int32),
         )
+
+    @property
+    def stacked(self) -> bool:
+        return not isinstance(self.k, tuple)
 
     def write_slots(self, start, valid_bt, pos_bt) -> KVCache:
         """Marks slots [start, start + T) as holding this call's tokens (start is a traced scalar)."""
@@ -90,23 +100,37 @@ class KVCache:
             pos=jax.lax.dynamic_update_slice(self.pos, pos_bt.astype(jnp.int32), (0, start)),
         )
 
-    def write_layer(self, layer: int, start, k_bthd, v_bthd) -> KVCache:
-        """Writes layer `layer`'s T new keys and values at slots [start, start + T) (start traced)."""
+    def write_layer(self, layer, start, k_bthd, v_bthd) -> KVCache:
+        """Writes `layer`'s T new keys and values at slots [start, start + T) (start traced; layer a
+        Python int for per-layer buffers, possibly traced for a stack)."""
 
         def write(buffers, new_bthd):
-            at = (0, start, 0, 0)
-            updated = jax.lax.dynamic_update_slice(buffers[layer], new_bthd.astype(buffers[layer].dtype), at)
+            if self.stacked:
+                at = (layer, 0, start, 0, 0)
+                return jax.lax.dynamic_update_slice(buffers, new_bthd[None].astype(buffers.dtype), at)
+            updated = jax.lax.dynamic_update_slice(
+                buffers[layer], new_bthd.astype(buffers[layer].dtype), (0, start, 0, 0)
+            )
             return buffers[:layer] + (updated,) + buffers[layer + 1 :]
 
         return dataclasses.replace(self, k=write(self.k, k_bthd), v=write(self.v, v_bthd))
 
-    def layer_kv(self, layer: int):
-        """Layer `layer`'s keys and values, [B, S, kv_heads, head_dim] each."""
+    def layer_kv(self, layer):
+        """`layer`'s keys and values, [B, S, kv_heads, head_dim] each."""
+        if self.stacked:
+            take = lambda x: jax.lax.dynamic_index_in_dim(x, layer, axis=0, keepdims=False)
+            return take(self.k), take(self.v)
         return self.k[layer], self.v[layer]
 
     def repeat_rows(self, n: int) -> KVCache:
         """Each batch row n times in a row (row b becomes rows b*n .. b*n + n - 1)."""
-        return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), self)
+        buffers = lambda x: jnp.repeat(x, n, axis=1 if self.stacked else 0)
+        return KVCache(
+            k=jax.tree.map(buffers, self.k),
+            v=jax.tree.map(buffers, self.v),
+            valid=jnp.repeat(self.valid, n, axis=0),
+            pos=jnp.repeat(self.pos, n, axis=0),
+        )
 
 
 def attention_mask(q_pos_bt, k_pos_bs, k_valid_bs, window: int | None):

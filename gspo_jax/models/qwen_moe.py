@@ -3,7 +3,8 @@
 Decoder layers are stored stacked: each run of consecutive layers with the same structure (MLP dense
 or sparse, attention window) is one DecoderLayer whose parameters carry a leading layer axis, and
 `forward` runs it with `jax.lax.scan`, so the traced and compiled program does not grow with depth.
-The KV-cache path (prefill, decode) runs the layers unrolled instead (see `KVCache`).
+The KV-cache path (prefill, decode) runs the layers unrolled instead on CPU (ModelConfig.decode_layers,
+`KVCache`).
 Released Qwen3 / Qwen1.5-MoE models are one run; mlp_only_layers / decoder_sparse_step give several.
 """
 
@@ -151,9 +152,10 @@ class QwenMoeForCausalLM(nnx.Module):
 
         valid_bt: [B, T] 1 for real tokens, 0 for padding (default all real); positions_bt default to
         the running count of real tokens. With `cache` (from init_cache), the T tokens are written at
-        slots [cache_start, cache_start + T) and attend to everything cached so far; the layers then
-        run unrolled, each with its own cache buffer, taking its parameters from `layer_params`
-        (`self.layer_params()`, computed once outside a decode loop) or slicing them from the stacks.
+        slots [cache_start, cache_start + T) and attend to everything cached so far. With a cache of
+        per-layer buffers (config.decodes_unrolled()) the layers run unrolled, taking their parameters
+        from `layer_params` (`self.layer_params()`, computed once outside a decode loop) or slicing
+        them from the stacks; with a stacked cache they run as the scan.
         replay_expert_ids: [L_moe, B, T, k] int32 expert choices (router_stats.expert_ids of an earlier
         forward over the same tokens) that every MoE layer routes with instead of its own top-k: the
         GSPO paper's Routing Replay. Combine weights still come from the current router.
@@ -174,8 +176,10 @@ class QwenMoeForCausalLM(nnx.Module):
         replay_runs = self._split_replay_ids(replay_expert_ids, input_ids_bt.shape)
         stats = []
         for (first, _), stack, replay in zip(self.runs, self.layers, replay_runs):
-            if cache is None:
-                h, run_stats = self._scan_layers(stack, first, h, positions_bt, valid_bt, replay)
+            if cache is None or cache.stacked:
+                h, cache, run_stats = self._scan_layers(
+                    stack, first, h, positions_bt, valid_bt, replay, cache, cache_start
+                )
             else:
                 h, cache, run_stats = self._unrolled_layers(
                     stack, first, h, positions_bt, valid_bt, cache, cache_start, layer_params, replay
@@ -217,25 +221,33 @@ class QwenMoeForCausalLM(nnx.Module):
                 slices.append(None)
         return slices
 
-    def _scan_layers(self, stack, first, h_btd, pos_bt, valid_bt, replay_ids=None):
-        """Runs one stack of layers with lax.scan: h is the carry, each step takes one layer's
-        parameters (and its [B, T, k] replay ids, if any); returns (h, RouterStats stacked over the
-        run or None)."""
+    def _scan_layers(
+        self, stack, first, h_btd, pos_bt, valid_bt, replay_ids=None, cache=None, cache_start=None
+    ):
+        """Runs one stack of layers with lax.scan: (h, stacked cache or None) is the carry, each step
+        takes one layer's parameters, index and [B, T, k] replay ids (if any); returns (h, cache,
+        RouterStats stacked over the run or None)."""
         graphdef, params = nnx.split(stack)
 
-        def one_layer(h_btd, layer_params_and_replay):
-            layer_params, replay_btk = layer_params_and_replay
+        def one_layer(carry, xs):
+            h_btd, cache = carry
+            layer_params, layer, replay_btk = xs
             layer_module = nnx.merge(graphdef, layer_params)
-            h_btd, _, stats = layer_module(h_btd, pos_bt, valid_bt, replay_ids_btk=replay_btk)
-            return h_btd, stats
+            h_btd, cache, stats = layer_module(h_btd, pos_bt, valid_bt, cache, cache_start, layer, replay_btk)
+            return (h_btd, cache), stats
 
-        # With remat, a layer's activations are recomputed in the backward pass instead of stored.
-        if self.config.remat:
+        # With remat, a layer's activations are recomputed in the backward pass instead of stored
+        # (cache-free calls only: decoding is never differentiated).
+        if self.config.remat and cache is None:
             policy = getattr(jax.checkpoint_policies, self.config.remat_policy)
             one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)
         count = jax.tree.leaves(params)[0].shape[0]
         unroll = min(self.config.scan_unroll or count, count)
-        return jax.lax.scan(one_layer, h_btd, (params, replay_ids), unroll=unroll)
+        layers = jnp.arange(first, first + count, dtype=jnp.int32)
+        (h_btd, cache), stats = jax.lax.scan(
+            one_layer, (h_btd, cache), (params, layers, replay_ids), unroll=unroll
+        )
+        return h_btd, cache, stats
 
     def _unrolled_layers(
         self, stack, first, h_btd, pos_bt, valid_bt, cache, cache_start, layer_params, replay_ids
@@ -271,8 +283,15 @@ class QwenMoeForCausalLM(nnx.Module):
         return lm_head_logits(hidden_btd, self.lm_head_weight())
 
     def init_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
-        """A zeroed KV cache of `slots` positions for every layer (dtype defaults to the compute dtype)."""
+        """A zeroed KV cache of `slots` positions for every layer (dtype defaults to the compute dtype):
+        per-layer buffers when the config decodes unrolled, else one stack for the layer scan."""
         cfg = self.config
         return KVCache.zeros(
-            cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim, dtype or self.dtype
+            cfg.num_hidden_layers,
+            batch,
+            slots,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            dtype or self.dtype,
+            stacked=not cfg.decodes_unrolled(),
         )
