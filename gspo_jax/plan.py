@@ -7,7 +7,8 @@ Per device: parameters, optimizer state and gradients as the sharding rules lay 
 code the trainer uses, on an AbstractMesh), activations of one update minibatch (rematerialised
 layers keep only each layer's input; MoE buffers of the dispatch and expert-parallel exchange the
 config compiles to), FSDP's per-layer gather and unsharded-gradient transients, the rollout KV cache,
-the rollout-dtype weight copy and the sampler's per-layer slices of it. The train phase and the rollout phase do not overlap, so the peak is
+the rollout-dtype weight copy and the sampler's per-layer slices of it (when it decodes unrolled).
+The train phase and the rollout phase do not overlap, so the peak is
 the larger of the two. Layers are modelled as scanned one at a time (model.scan_unroll = 1, as the
 real presets run); the CPU configs' unrolled layers are not modelled.
 """
@@ -263,11 +264,12 @@ def plan(cfg, num_devices: int, accelerator: str | None = None, platform: str | 
         "activations": activation_bytes(cfg, mcfg, mesh, platform),
         "kv_cache": kv_cache_bytes(cfg, mcfg, mesh),
         "rollout_copy": params * rollout_dtype.itemsize / jnp.dtype(mcfg.param_dtype).itemsize,
-        # The sampler slices each layer out of the stacks once per call (sampler.py): one more copy
-        # of the layers' weights in the rollout dtype while it runs.
+        # Decoding with unrolled layers, the sampler slices each layer out of the stacks once per
+        # call (sampler.py): one more copy of the layers' weights in the rollout dtype while it runs.
         "decode_layers": _bytes_per_device(state.params["layers"])
         * rollout_dtype.itemsize
-        / jnp.dtype(mcfg.param_dtype).itemsize,
+        / jnp.dtype(mcfg.param_dtype).itemsize
+        * mcfg.decodes_unrolled(platform),
         "reference": params if cfg.algo.beta > 0 else 0,
     }
     resident = memory["params"] + memory["optimizer"] + memory["reference"]

@@ -140,10 +140,11 @@ class ModelConfig:
         if errors:
             raise ValueError("Invalid ModelConfig:\n  " + "\n  ".join(errors))
 
-    def decodes_unrolled(self) -> bool:
-        """Whether the cache path runs the layers unrolled (see decode_layers)."""
+    def decodes_unrolled(self, platform: str | None = None) -> bool:
+        """Whether the cache path runs the layers unrolled (see decode_layers) on `platform`
+        ("cpu", "gpu", "tpu"; default the current backend)."""
         if self.decode_layers == "auto":
-            return jax.default_backend() == "cpu" or self.scan_unroll == 0
+            return (platform or jax.default_backend()) == "cpu" or self.scan_unroll == 0
         return self.decode_layers == "unrolled"
 
     def is_moe_layer(self, layer: int) -> bool:
