@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from gspo_jax import optim, policy, sharding
-from gspo_jax.models import dispatch, tiled
+from gspo_jax.models import expert_buffers, tiled
 from gspo_jax.models.config import ModelConfig
 from gspo_jax.models.hf import abstract_model
 from gspo_jax.update import RolloutBatch, TrainState, UpdateSettings, make_train_fn
@@ -121,7 +121,7 @@ def expert_bytes(
         return (-(-tokens * k // tile) + experts) * tile * (2 * d + 2 * i) * c
     if strategy == "dense":
         return experts * tokens * row
-    capacity = dispatch.expert_capacity(tokens, k, experts, factor if strategy == "capacity" else 0.0)
+    capacity = expert_buffers.expert_capacity(tokens, k, experts, factor if strategy == "capacity" else 0.0)
     return experts * capacity * row + 2 * tokens * k * d * c
 
 
@@ -141,7 +141,7 @@ def moe_bytes(mcfg: ModelConfig, mesh, tokens: int, platform: str) -> float:
         strategy = dispatch_strategy(mcfg.moe_dispatch, platform)
         return expert_bytes(strategy, tokens, k, e, factor, d, inner, c)
     local = e // ways
-    capacity = dispatch.expert_capacity(tokens, k, e, factor) if factor > 0 else tokens
+    capacity = expert_buffers.expert_capacity(tokens, k, e, factor) if factor > 0 else tokens
     rows = local * capacity if factor > 0 else tokens * min(k, local)
     received = ways * rows
     strategy = dispatch_strategy(mcfg.moe_dispatch, platform)

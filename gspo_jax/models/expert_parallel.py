@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from gspo_jax import sharding
-from gspo_jax.models.dispatch import DISPATCH_STRATEGIES, expert_capacity, rank_in_group
+from gspo_jax.models.dispatch import DISPATCH_STRATEGIES
+from gspo_jax.models.expert_buffers import expert_capacity, rank_in_group
 
 # Logical axes of the stacked expert weights (sharding.py maps them to mesh axes).
 EXPERT_IN_AXES = ("expert", "embed", "expert_mlp")  # gate_proj, up_proj [E, D, I]

@@ -154,8 +154,8 @@ class QwenMoeForCausalLM(nnx.Module):
         the running count of real tokens. With `cache` (from init_cache), the T tokens are written at
         slots [cache_start, cache_start + T) and attend to everything cached so far. With a cache of
         per-layer buffers (config.decodes_unrolled()) the layers run unrolled, taking their parameters
-        from `layer_params` (`self.layer_params()`, computed once outside a decode loop) or slicing
-        them from the stacks; with a stacked cache they run as the scan.
+        from `layer_params` (`self.layer_params()`, computed once outside a decode loop; computed here
+        when not given); with a stacked cache they run as the scan.
         replay_expert_ids: [L_moe, B, T, k] int32 expert choices (router_stats.expert_ids of an earlier
         forward over the same tokens) that every MoE layer routes with instead of its own top-k: the
         GSPO paper's Routing Replay. Combine weights still come from the current router.
@@ -173,6 +173,8 @@ class QwenMoeForCausalLM(nnx.Module):
                 f"layer_params has {len(layer_params)} entries for {self.config.num_hidden_layers} layers: "
                 "pass model.layer_params() of this model"
             )
+        if cache is not None and not cache.stacked and layer_params is None:
+            layer_params = self.layer_params()
         replay_runs = self._split_replay_ids(replay_expert_ids, input_ids_bt.shape)
         stats = []
         for (first, _), stack, replay in zip(self.runs, self.layers, replay_runs):
@@ -182,7 +184,7 @@ class QwenMoeForCausalLM(nnx.Module):
                 )
             else:
                 h, cache, run_stats = self._unrolled_layers(
-                    stack, first, h, positions_bt, valid_bt, cache, cache_start, layer_params, replay
+                    stack, first, h, positions_bt, valid_bt, replay, cache, cache_start, layer_params
                 )
             if run_stats is not None:
                 stats.append(run_stats)
@@ -250,21 +252,16 @@ class QwenMoeForCausalLM(nnx.Module):
         return h_btd, cache, stats
 
     def _unrolled_layers(
-        self, stack, first, h_btd, pos_bt, valid_bt, cache, cache_start, layer_params, replay_ids
+        self, stack, first, h_btd, pos_bt, valid_bt, replay_ids, cache, cache_start, layer_params
     ):
-        """The cache path (prefill and decode, never differentiated): one stack's layers in a Python
-        loop, each writing and reading its own cache buffer in place; returns (h, cache, RouterStats
-        stacked over the run or None)."""
+        """The cache path with per-layer buffers (prefill and decode, never differentiated): one stack's
+        layers in a Python loop, layer first + i with layer_params[first + i], each writing and reading
+        its own cache buffer in place; returns (h, cache, RouterStats stacked over the run or None)."""
         graphdef, params = nnx.split(stack)
-        count = jax.tree.leaves(params)[0].shape[0]
         stats = []
-        for i in range(count):
-            if layer_params is None:
-                one = jax.tree.map(lambda w, i=i: w[i], params)
-            else:
-                one = layer_params[first + i]
+        for i in range(jax.tree.leaves(params)[0].shape[0]):
             replay_btk = None if replay_ids is None else replay_ids[i]
-            layer_module = nnx.merge(graphdef, one)
+            layer_module = nnx.merge(graphdef, layer_params[first + i])
             h_btd, cache, layer_stats = layer_module(
                 h_btd, pos_bt, valid_bt, cache, cache_start, first + i, replay_btk
             )

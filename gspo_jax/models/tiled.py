@@ -17,6 +17,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from gspo_jax.models.expert_buffers import experts_in_buffers
+
 
 def tile_rows(num_assignments: int, num_experts: int) -> int:
     """Rows per tile: the power of two at or above the mean assignments per expert, in [4, 256]."""
@@ -93,34 +95,20 @@ def capacity_buckets(num_assignments: int, num_experts: int, num_tokens: int) ->
 
 
 def _batched_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid):
-    """Forward only, dropless: valid assignments scattered into per-expert buffers [E, C, D], C the
-    smallest bucket that holds the busiest expert (`capacity_buckets`, one lax.switch branch each),
-    then one batched product per projection. No expert's weights are sliced or copied; each is read
-    once, which is what a decode step with every expert chosen is bound by."""
+    """Forward only, dropless: per-expert buffers [E, C, D] (`experts_in_buffers`), C the smallest
+    bucket that holds the busiest expert (`capacity_buckets`, one lax.switch branch each). No expert's
+    weights are sliced or copied; each is read once, which is what a decode step with every expert
+    chosen is bound by."""
     t, k = ids_tk.shape
     num_experts = gate_edi.shape[0]
-    ids_a = jnp.where(jnp.repeat(valid_t, k), ids_tk.reshape(-1), num_experts)  # a = t * k + j
-    onehot_ae = jax.nn.one_hot(ids_a, num_experts, dtype=jnp.int32)  # padding: a zero row
-    rank_a = jnp.sum((jnp.cumsum(onehot_ae, axis=0) - 1) * onehot_ae, axis=1)
-    busiest = jnp.max(jnp.sum(onehot_ae, axis=0))
+    ids_a = jnp.where(jnp.repeat(valid_t, k), ids_tk.reshape(-1), num_experts)  # padding: no expert
+    busiest = jnp.max(jnp.bincount(ids_a, length=num_experts + 1)[:num_experts])
     capacities = capacity_buckets(t * k, num_experts, t)
-    x_ad = jnp.repeat(x_td, k, axis=0)
-
-    def with_capacity(capacity):
-        def run(x_ad):
-            slot_a = jnp.where(ids_a < num_experts, ids_a * capacity + rank_a, num_experts * capacity)
-            rows = jnp.zeros_like(x_ad, shape=(num_experts * capacity, x_ad.shape[1]))
-            x_ecd = rows.at[slot_a].set(x_ad, mode="drop").reshape(num_experts, capacity, -1)
-            gate = jnp.einsum("ecd,edi->eci", x_ecd, gate_edi)
-            h_eci = jax.nn.silu(gate) * jnp.einsum("ecd,edi->eci", x_ecd, up_edi)
-            y_ecd = jnp.einsum("eci,eid->ecd", h_eci, down_eid)
-            return y_ecd.reshape(num_experts * capacity, -1).at[slot_a].get(mode="fill", fill_value=0)
-
-        return run
-
-    bucket = jnp.searchsorted(jnp.asarray(capacities), busiest)
-    y_ad = jax.lax.switch(bucket, [with_capacity(c) for c in capacities], x_ad)
-    return jnp.sum(y_ad.reshape(t, k, -1) * weights_tk[..., None].astype(x_td.dtype), axis=1)
+    branches = [
+        lambda x, c=c: experts_in_buffers(x, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, c)[0]
+        for c in capacities
+    ]
+    return jax.lax.switch(jnp.searchsorted(jnp.asarray(capacities), busiest), branches, x_td)
 
 
 def _forward_only(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid):
