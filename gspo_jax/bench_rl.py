@@ -62,6 +62,13 @@ def define_flags() -> None:
     flags.DEFINE_enum("shape", None, list(SHAPES), "Model/batch shape (rl_step: small, dispatch: medium).")
     flags.DEFINE_integer("steps", 0, "Timed RL steps after the compiling one; 0 = the shape's default.")
     flags.DEFINE_list("rl_settings", list(RL_SETTINGS), "Update settings: sampler1 and/or trainer4.")
+    flags.DEFINE_enum(
+        "dtype",
+        "float32",
+        ["float32", "bfloat16"],
+        "rl_step: compute dtype (model.dtype); bfloat16 also makes the sampler's weight copy bf16 "
+        "(model.rollout_dtype). Parameters and Adam stay fp32; update_mfu is against this dtype's peak.",
+    )
     flags.DEFINE_list("sweep_lengths", ["128", "512", "2048"], "Sweep: completion lengths.")
     flags.DEFINE_list("sweep_groups", ["2", "4", "8"], "Sweep: group sizes.")
     flags.DEFINE_string("plot_out", "rl_sweep.png", "Sweep: where to write the plot.")
@@ -71,6 +78,7 @@ def model_config(shape: dict, moe_dispatch: str = "auto"):
     from gspo_jax.models.config import PRESETS
 
     return PRESETS["tiny"].replace(
+        dtype=shape.get("dtype", "float32"),
         hidden_size=shape["hidden"],
         num_hidden_layers=shape["layers"],
         num_experts=shape["experts"],
@@ -99,13 +107,16 @@ def run_config(shape: dict, setting: str, steps: int):
     cfg.eval.every = 0
     cfg.warmstart.steps = 0
     cfg.mesh.num_devices = 1
+    cfg.model.dtype = shape.get("dtype", "float32")
+    cfg.model.rollout_dtype = "" if cfg.model.dtype == "float32" else cfg.model.dtype
     return cfg
 
 
-def matmul_peak_gflops(n: int = 2048, rounds: int = 3) -> float:
-    """f32 GFLOP/s of a jitted n^3 matmul, best of `rounds`."""
-    a = jnp.ones((n, n), jnp.float32)
-    mm = jax.jit(lambda a: a @ a)
+def matmul_peak_gflops(n: int = 2048, rounds: int = 3, dtype: str = "float32") -> float:
+    """GFLOP/s of a jitted n^3 matmul of `dtype` operands accumulated in fp32 (as the model's
+    products are, models/matmul.py), best of `rounds`."""
+    a = jnp.ones((n, n), dtype)
+    mm = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
     mm(a).block_until_ready()
     best = float("inf")
     for _ in range(rounds):
@@ -153,8 +164,8 @@ def measure_rl_step(shape_name: str, setting: str, steps: int) -> dict:
     from gspo_jax.tokenizer import eos_token_ids, load_tokenizer
 
     shape = SHAPES[shape_name]
-    peak = matmul_peak_gflops()
     cfg = run_config(shape, setting, steps)
+    peak = matmul_peak_gflops(dtype=cfg.model.dtype)
     mesh = sharding.make_mesh(cfg.mesh)
     mcfg = model_config(shape)
     graphdef, abstract = abstract_model(mcfg)
@@ -197,6 +208,7 @@ def measure_rl_step(shape_name: str, setting: str, steps: int) -> dict:
     return {
         "shape": shape_name,
         "setting": setting,
+        "dtype": cfg.model.dtype,
         "minibatches": cfg.algo.minibatches,
         "old_logprobs": cfg.algo.old_logprobs,
         "prompts": shape["prompts"],
@@ -238,7 +250,7 @@ def run_rl_step() -> list[dict]:
     f = flags.FLAGS
     shape = f.shape or "small"
     steps = f.steps or SHAPES[shape]["steps"]
-    return [in_subprocess(shape, setting, steps) for setting in f.rl_settings]
+    return [in_subprocess(shape, setting, steps, dtype=f.dtype) for setting in f.rl_settings]
 
 
 def run_dispatch() -> list[dict]:
@@ -320,7 +332,7 @@ def _columns(names: str) -> list[tuple[str, str]]:
 
 COLUMNS = {
     "rl_step": _columns(
-        "shape setting rl_step_s rollout_s reward_s old_policy_s update_s gen_tokens_per_s "
+        "shape setting dtype rl_step_s rollout_s reward_s old_policy_s update_s gen_tokens_per_s "
         "update_tokens_per_s update_mfu peak_rss_gb first_step_s error"
     ),
     "sweep": _columns("max_new_tokens group rl_step_s rollout_s update_s update_mfu peak_rss_gb error"),

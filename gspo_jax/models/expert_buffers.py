@@ -10,6 +10,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from gspo_jax.models.matmul import einsum
+
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     """Slots per expert: all tokens when dropless (a token picks an expert at most once)."""
@@ -26,8 +28,8 @@ def rank_in_group(group_a, num_groups: int, valid_a):
 
 def swiglu_experts(x_ecd, gate_edi, up_edi, down_eid):
     """Batched per-expert SwiGLU on padded buffers [E, C, D] -> [E, C, D]."""
-    h = jax.nn.silu(jnp.einsum("ecd,edi->eci", x_ecd, gate_edi)) * jnp.einsum("ecd,edi->eci", x_ecd, up_edi)
-    return jnp.einsum("eci,eid->ecd", h, down_eid)
+    h = jax.nn.silu(einsum("ecd,edi->eci", x_ecd, gate_edi)) * einsum("ecd,edi->eci", x_ecd, up_edi)
+    return einsum("eci,eid->ecd", h, down_eid)
 
 
 def experts_in_buffers(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, capacity: int):

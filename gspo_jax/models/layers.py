@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gspo_jax import sharding
+from gspo_jax.models.matmul import einsum
 
 # Masked attention logits use a large finite negative so fully-masked rows (left padding) stay finite.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -227,7 +228,7 @@ class Attention(nnx.Module):
 
     def _project(self, x_btd, name: str):
         w = getattr(self, f"{name}_proj").value.astype(self.dtype)
-        y = jnp.einsum("btd,dhk->bthk", x_btd, w)
+        y = einsum("btd,dhk->bthk", x_btd, w)
         if hasattr(self, f"{name}_bias"):
             y = y + getattr(self, f"{name}_bias").value.astype(self.dtype)
         return y
@@ -255,7 +256,7 @@ class Attention(nnx.Module):
                 q, keys, values, attention_mask(pos_bt, cache.pos, cache.valid, self.window)
             )
         out = sharding.constrain(out, ("batch", "seq", "q_heads", "head_dim"))
-        y = jnp.einsum("bthk,hkd->btd", out, self.o_proj.value.astype(self.dtype))
+        y = einsum("bthk,hkd->btd", out, self.o_proj.value.astype(self.dtype))
         if hasattr(self, "o_bias"):
             y = y + self.o_bias.value.astype(self.dtype)
         return y, cache
@@ -273,8 +274,8 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x):
         """x: [B, T, D] or [T, D] (rows split like the batch)."""
-        gate = x @ self.gate_proj.value.astype(self.dtype)
-        up = x @ self.up_proj.value.astype(self.dtype)
+        gate = einsum("...d,di->...i", x, self.gate_proj.value.astype(self.dtype))
+        up = einsum("...d,di->...i", x, self.up_proj.value.astype(self.dtype))
         hidden_axes = ("batch", "seq", "mlp") if x.ndim == 3 else ("batch", "mlp")
         hidden = sharding.constrain(jax.nn.silu(gate) * up, hidden_axes)
-        return hidden @ self.down_proj.value.astype(self.dtype)
+        return einsum("...i,id->...d", hidden, self.down_proj.value.astype(self.dtype))

@@ -18,12 +18,19 @@ import jax
 import jax.numpy as jnp
 
 from gspo_jax.models.expert_buffers import experts_in_buffers
+from gspo_jax.models.matmul import einsum
 
 
 def tile_rows(num_assignments: int, num_experts: int) -> int:
     """Rows per tile: the power of two at or above the mean assignments per expert, in [4, 256]."""
     mean = max(1, -(-num_assignments // num_experts))
     return min(256, max(4, 1 << (mean - 1).bit_length()))
+
+
+def _swiglu_rows(x_rd, gate_di, up_di, down_id):
+    """One expert's SwiGLU on a tile of rows [R, D] -> [R, D]."""
+    h = jax.nn.silu(einsum("rd,di->ri", x_rd, gate_di)) * einsum("rd,di->ri", x_rd, up_di)
+    return einsum("ri,id->rd", h, down_id)
 
 
 def expert_weight(w_e, expert, dtype):
@@ -64,7 +71,7 @@ def _tiled_forward(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid
             start = starts_e[expert] + j * tile
             rows = jnp.arange(tile) < sizes_e[expert] - j * tile
             x = jax.lax.dynamic_slice_in_dim(x_s, start, tile)
-            y = (jax.nn.silu(x @ gate) * (x @ up)) @ down
+            y = _swiglu_rows(x, gate, up, down)
             y = jnp.where(rows[:, None], y * jax.lax.dynamic_slice_in_dim(weight_s, start, tile)[:, None], 0)
             return y_td.at[jax.lax.dynamic_slice_in_dim(token_s, start, tile)].add(y)
 
@@ -188,6 +195,37 @@ def _over_tiles(layout: TileLayout, per_expert, carry):
     return jax.lax.fori_loop(0, layout.num_chosen, one_expert, carry)
 
 
+def _storage(dtype):
+    """How the tile loops carry row buffers of `dtype`: XLA:CPU runs a 16-bit float
+    dynamic-update-slice as widen, update, narrow of the whole buffer at every loop iteration (8.3 of
+    14.8 thread-seconds of the bf16 medium update), but updates a uint16 buffer in place."""
+    low = jnp.dtype(dtype).itemsize == 2 and jnp.issubdtype(dtype, jnp.floating)
+    return jnp.uint16 if low and jax.default_backend() == "cpu" else jnp.dtype(dtype)
+
+
+def _rows_like(x_r, width: int | None = None):
+    """Zeros for one value per row of x_r ([R] or [R, width]) in x_r's storage dtype; "like" x_r so
+    under shard_map they vary over the rows' mesh axes."""
+    shape = x_r.shape[:1] if width is None else (x_r.shape[0], width)
+    return jnp.zeros_like(x_r, shape=shape, dtype=_storage(x_r.dtype))
+
+
+def _put(buf, value, start):
+    """buf[start : start + len(value)] = value, bit-cast into buf's storage dtype."""
+    if buf.dtype != value.dtype:
+        value = jax.lax.bitcast_convert_type(value, buf.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(buf, value, start, 0)
+
+
+def _take(buf, start, size: int, dtype):
+    """buf[start : start + size] read back as `dtype`."""
+    return _stored_as(jax.lax.dynamic_slice_in_dim(buf, start, size), dtype)
+
+
+def _stored_as(buf, dtype):
+    return buf if buf.dtype == dtype else jax.lax.bitcast_convert_type(buf, dtype)
+
+
 def _tile_weights(gate_edi, up_edi, down_eid, expert, dtype):
     return tuple(expert_weight(w, expert, dtype) for w in (gate_edi, up_edi, down_eid))
 
@@ -206,16 +244,16 @@ def _tiled_train_forward(x_td, weights_tk, gate_edi, up_edi, down_eid, layout: T
         def one_tile(n, carry):
             y_r, g_r, u_r = carry
             x = jax.lax.dynamic_slice_in_dim(x_r, n * tile, tile)
-            g, u = x @ gate, x @ up
-            put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, n * tile, 0)
-            return put(y_r, (jax.nn.silu(g) * u) @ down), put(g_r, g), put(u_r, u)
+            g, u = einsum("rd,di->ri", x, gate), einsum("rd,di->ri", x, up)
+            y = einsum("ri,id->rd", jax.nn.silu(g) * u, down)
+            return tuple(_put(buf, v, n * tile) for buf, v in ((y_r, y), (g_r, g), (u_r, u)))
 
         return jax.lax.fori_loop(first, first + count, one_tile, carry)
 
-    # Carries are zeros "like" the rows: under shard_map they then vary over the rows' mesh axes.
     inner = gate_edi.shape[-1]
-    init = (jnp.zeros_like(x_r), *(jnp.zeros_like(x_r, shape=(x_r.shape[0], inner)) for _ in range(2)))
+    init = (_rows_like(x_r, x_r.shape[1]), _rows_like(x_r, inner), _rows_like(x_r, inner))
     y_r, g_r, u_r = _over_tiles(layout, per_expert, init)
+    y_r = _stored_as(y_r, x_td.dtype)
     y_td = jnp.zeros_like(x_td).at[layout.token_r].add(y_r * w_r[:, None].astype(x_td.dtype))
     return y_td, (g_r, u_r, w_r)
 
@@ -234,22 +272,21 @@ def _tiled_train_backward(x_td, weights_tk, gate_edi, up_edi, down_eid, layout, 
 
         def one_tile(n, carry):
             dx_r, dw_r, dgate, dup, ddown = carry
-            take = lambda v: jax.lax.dynamic_slice_in_dim(v, n * tile, tile)
+            take = lambda v: _take(v, n * tile, tile, x_td.dtype)
             x, g, u, w, dy = take(x_r), take(g_r), take(u_r), take(w_r)[:, None], take(dy_r)
             sig = jax.nn.sigmoid(g)
             act = g * sig
             h = act * u
-            dz = dy @ down.T  # d(unweighted expert output) @ down^T
+            dz = einsum("rd,id->ri", dy, down)  # d(unweighted expert output) @ down^T
             dh = w * dz
             du = dh * act
             dg = dh * u * sig * (1 + g * (1 - sig))
-            put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, n * tile, 0)
             return (
-                put(dx_r, dg @ gate.T + du @ up.T),
-                put(dw_r, jnp.sum(dz * h, axis=-1)),
-                dgate + (x.T @ dg).astype(acc),
-                dup + (x.T @ du).astype(acc),
-                ddown + (h.T @ (w * dy)).astype(acc),
+                _put(dx_r, einsum("ri,di->rd", dg, gate) + einsum("ri,di->rd", du, up), n * tile),
+                _put(dw_r, jnp.sum(dz * h, axis=-1), n * tile),
+                dgate + einsum("rd,ri->di", x, dg, acc),
+                dup + einsum("rd,ri->di", x, du, acc),
+                ddown + einsum("ri,rd->id", h, w * dy, acc),
             )
 
         dx_r, dw_r, *sums = carry
@@ -262,11 +299,12 @@ def _tiled_train_backward(x_td, weights_tk, gate_edi, up_edi, down_eid, layout, 
         )
 
     carry = (
-        jnp.zeros_like(x_r),
-        like_rows(x_r.shape[:1], x_td.dtype),
+        _rows_like(x_r, x_r.shape[1]),
+        _rows_like(x_r),
         *(like_rows(w.shape, acc) for w in (gate_edi, up_edi, down_eid)),
     )
     dx_r, dw_r, dgate, dup, ddown = _over_tiles(layout, per_expert, carry)
+    dx_r, dw_r = _stored_as(dx_r, x_td.dtype), _stored_as(dw_r, x_td.dtype)
     dx_td = jnp.zeros_like(x_td).at[layout.token_r].add(dx_r)
     dweights = like_rows((num_assignments,), dw_r.dtype).at[layout.assignment_r].set(dw_r, mode="drop")
     # Under shard_map the sums above vary over the rows' mesh axes; an input that varies over fewer
