@@ -55,8 +55,11 @@ def rollout_logprobs(dtype, prompts, group, width):
 def trainer_logprobs(dtype, tokens, width):
     graphdef, params = tiny(dtype)
     valid = np.ones(tokens.shape, bool)
+
     def score(p):
-        return completion_logprobs(nnx.merge(graphdef, p), tokens, valid, width, temperature=1.0, chunk=256)[0]
+        return completion_logprobs(nnx.merge(graphdef, p), tokens, valid, width, temperature=1.0, chunk=256)[
+            0
+        ]
 
     return jax.jit(score)(params)
 
@@ -92,8 +95,12 @@ def test_logprob_gap_metrics_match_numpy():
 
 @pytest.mark.parametrize(
     "old_logprobs,gap,eps,warns",
-    [("sampler", 5e-4, None, True), ("sampler", 2e-4, None, False), ("trainer", 1.0, None, False),
-     ("sampler", 5e-4, 1e-3, False)],
+    [
+        ("sampler", 5e-4, None, True),
+        ("sampler", 2e-4, None, False),
+        ("trainer", 1.0, None, False),
+        ("sampler", 5e-4, 1e-3, False),
+    ],
 )
 def test_sampler_gap_warning_names_the_fix(old_logprobs, gap, eps, warns):
     algo = micro.get_config().algo
@@ -102,3 +109,30 @@ def test_sampler_gap_warning_names_the_fix(old_logprobs, gap, eps, warns):
     assert (message is not None) == warns
     if warns:
         assert "exceeds the clip width 0.0003" in message and "algo.old_logprobs=trainer" in message
+
+
+def test_bf16_rmsnorm_rounds_like_hf_and_sums_its_weight_gradient_in_fp32():
+    """Forward: bitwise HF's bf16 product (weight and normalised input each rounded to bf16, product
+    rounded once). Backward: the weight's gradient over 4096 tokens matches float64 within one final
+    bf16 rounding; a bf16 accumulation would not."""
+    from gspo_jax.models.layers import RMSNorm
+
+    rng = np.random.default_rng(0)
+    size, tokens = 8, 4096
+    norm = RMSNorm(size, 1e-6, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    norm.weight.value = jnp.asarray(1 + 0.3 * rng.normal(size=size), jnp.float32)
+    graphdef, state = nnx.split(norm)
+    x = jnp.asarray(rng.normal(size=(tokens, size)), jnp.bfloat16)
+    dy = jnp.asarray(rng.normal(size=(tokens, size)), jnp.bfloat16)
+
+    x32 = x.astype(jnp.float32)
+    normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)).astype(jnp.bfloat16)
+    hf = norm.weight.value.astype(jnp.bfloat16) * normed
+    out = jax.jit(lambda s: nnx.merge(graphdef, s)(x))(state)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(hf, np.float32))
+
+    grad = jax.jit(jax.grad(lambda s: jnp.sum((nnx.merge(graphdef, s)(x) * dy).astype(jnp.float32))))(state)
+    want = np.sum(np.asarray(dy, np.float64) * np.asarray(normed, np.float64), axis=0)
+    got = np.asarray(grad["weight"].value, np.float64)
+    np.testing.assert_allclose(got, want, rtol=2**-8, atol=0)
