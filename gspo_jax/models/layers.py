@@ -44,6 +44,26 @@ class RMSNorm(nnx.Module):
         return (as_x(self.weight.value) * as_x(normed)).astype(x.dtype)
 
 
+@jax.custom_vjp
+def add_bias(y, bias):
+    """y + bias (broadcast over y's leading axes) in y's dtype, as HF adds it; the bias's gradient is
+    summed over the leading axes in fp32 (JAX's own transpose sums in y's dtype: a bf16 sum over every
+    token)."""
+    return y + bias.astype(y.dtype)
+
+
+def _add_bias_forward(y, bias):
+    return add_bias(y, bias), bias
+
+
+def _add_bias_backward(bias, dy):
+    leading = tuple(range(dy.ndim - bias.ndim))
+    return dy, jnp.sum(dy.astype(jnp.float32), axis=leading).astype(bias.dtype)
+
+
+add_bias.defvjp(_add_bias_forward, _add_bias_backward)
+
+
 def rope_cos_sin(positions_bt, head_dim: int, theta: float):
     """cos, sin of shape [B, T, head_dim/2] in fp32 for integer positions [B, T]."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
@@ -234,7 +254,7 @@ class Attention(nnx.Module):
         w = getattr(self, f"{name}_proj").value.astype(self.dtype)
         y = einsum("btd,dhk->bthk", x_btd, w)
         if hasattr(self, f"{name}_bias"):
-            y = y + getattr(self, f"{name}_bias").value.astype(self.dtype)
+            y = add_bias(y, getattr(self, f"{name}_bias").value)
         return y
 
     def __call__(self, x_btd, pos_bt, valid_bt, cache: KVCache | None = None, cache_start=None, layer=None):
@@ -262,7 +282,7 @@ class Attention(nnx.Module):
         out = sharding.constrain(out, ("batch", "seq", "q_heads", "head_dim"))
         y = einsum("bthk,hkd->btd", out, self.o_proj.value.astype(self.dtype))
         if hasattr(self, "o_bias"):
-            y = y + self.o_bias.value.astype(self.dtype)
+            y = add_bias(y, self.o_bias.value)
         return y, cache
 
 
