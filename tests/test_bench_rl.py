@@ -40,8 +40,22 @@ def test_medium_shape_has_the_issue_parameter_count():
     assert counted == total + norms
 
 
+def test_bf16_setting_reaches_the_model_and_the_rollout_copy():
+    shape = bench_rl.SHAPES["small"] | {"dtype": "bfloat16"}
+    cfg = bench_rl.run_config(shape, "sampler1", steps=1)
+    assert (cfg.model.dtype, cfg.model.rollout_dtype, cfg.model.param_dtype) == (
+        "bfloat16",
+        "bfloat16",
+        "float32",
+    )
+    assert bench_rl.model_config(shape).dtype == "bfloat16"
+    fp32 = bench_rl.run_config(bench_rl.SHAPES["small"], "sampler1", steps=1)
+    assert (fp32.model.dtype, fp32.model.rollout_dtype) == ("float32", "")
+
+
 @pytest.mark.slow  # a subprocess compiling a whole RL step: 60-160 s on 2 shared cores
-def test_cli_runs_a_tiny_rl_step_and_writes_json(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cli_runs_a_tiny_rl_step_and_writes_json(tmp_path, dtype):
     out = tmp_path / "bench.json"
     env = os.environ | {"PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
@@ -53,6 +67,7 @@ def test_cli_runs_a_tiny_rl_step_and_writes_json(tmp_path):
             "--what=rl_step",
             "--shape=tiny",
             "--rl_settings=sampler1",
+            f"--dtype={dtype}",
             f"--json={out}",
         ],
         check=False,
@@ -64,7 +79,7 @@ def test_cli_runs_a_tiny_rl_step_and_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert "error" not in row, row
-    assert (row["minibatches"], row["old_logprobs"], row["steps"]) == (1, "sampler", 1)
+    assert (row["minibatches"], row["old_logprobs"], row["steps"], row["dtype"]) == (1, "sampler", 1, dtype)
     parts = row["rollout_s"] + row["reward_s"] + row["old_policy_s"] + row["update_s"]
     assert 0 < parts <= row["rl_step_s"] * 1.05 + 1e-3
     assert row["old_policy_s"] == 0.0  # sampler log-probs: no old-policy pass
