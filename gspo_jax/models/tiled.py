@@ -198,7 +198,7 @@ def _over_tiles(layout: TileLayout, per_expert, carry):
 def _storage(dtype):
     """How the tile loops carry row buffers of `dtype`: XLA:CPU runs a 16-bit float
     dynamic-update-slice as widen, update, narrow of the whole buffer at every loop iteration (8.3 of
-    14.8 thread-seconds of the bf16 medium update), but updates a uint16 buffer in place."""
+    14.8 thread-seconds of the bf16 medium gradient), but updates a uint16 buffer in place."""
     low = jnp.dtype(dtype).itemsize == 2 and jnp.issubdtype(dtype, jnp.floating)
     return jnp.uint16 if low and jax.default_backend() == "cpu" else jnp.dtype(dtype)
 
