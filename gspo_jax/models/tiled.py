@@ -203,11 +203,14 @@ def _storage(dtype):
     return jnp.uint16 if low and jax.default_backend() == "cpu" else jnp.dtype(dtype)
 
 
-def _rows_like(x_r, width: int | None = None):
-    """Zeros for one value per row of x_r ([R] or [R, width]) in x_r's storage dtype; "like" x_r so
-    under shard_map they vary over the rows' mesh axes."""
-    shape = x_r.shape[:1] if width is None else (x_r.shape[0], width)
-    return jnp.zeros_like(x_r, shape=shape, dtype=_storage(x_r.dtype))
+def _zeros_like_rows(x_r, shape, dtype):
+    """Zeros of `shape` and `dtype` "like" the rows x_r: under shard_map they vary over the rows' mesh axes."""
+    return jnp.zeros_like(x_r, shape=shape, dtype=dtype)
+
+
+def _row_buffer(x_r, *width: int):
+    """Zeros for one value ([R]) or one [width] vector per row of x_r, in the loops' storage dtype."""
+    return _zeros_like_rows(x_r, (x_r.shape[0], *width), _storage(x_r.dtype))
 
 
 def _put(buf, value, start):
@@ -251,7 +254,7 @@ def _tiled_train_forward(x_td, weights_tk, gate_edi, up_edi, down_eid, layout: T
         return jax.lax.fori_loop(first, first + count, one_tile, carry)
 
     inner = gate_edi.shape[-1]
-    init = (_rows_like(x_r, x_r.shape[1]), _rows_like(x_r, inner), _rows_like(x_r, inner))
+    init = (_row_buffer(x_r, x_r.shape[1]), _row_buffer(x_r, inner), _row_buffer(x_r, inner))
     y_r, g_r, u_r = _over_tiles(layout, per_expert, init)
     y_r = _stored_as(y_r, x_td.dtype)
     y_td = jnp.zeros_like(x_td).at[layout.token_r].add(y_r * w_r[:, None].astype(x_td.dtype))
@@ -264,7 +267,7 @@ def _tiled_train_backward(x_td, weights_tk, gate_edi, up_edi, down_eid, layout, 
     num_assignments = weights_tk.size
     x_r = x_td[layout.token_r]
     dy_r = dy_td[layout.token_r] * (layout.assignment_r < num_assignments)[:, None].astype(dy_td.dtype)
-    like_rows = lambda shape, dtype: jnp.zeros_like(x_r, shape=shape, dtype=dtype)
+    like_rows = lambda shape, dtype: _zeros_like_rows(x_r, shape, dtype)
     acc = jnp.float32
 
     def per_expert(expert, first, count, carry):
@@ -299,8 +302,8 @@ def _tiled_train_backward(x_td, weights_tk, gate_edi, up_edi, down_eid, layout, 
         )
 
     carry = (
-        _rows_like(x_r, x_r.shape[1]),
-        _rows_like(x_r),
+        _row_buffer(x_r, x_r.shape[1]),
+        _row_buffer(x_r),
         *(like_rows(w.shape, acc) for w in (gate_edi, up_edi, down_eid)),
     )
     dx_r, dw_r, dgate, dup, ddown = _over_tiles(layout, per_expert, carry)
