@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.algo.beta = 0.0  # KL(pi || ref) coefficient (k3); > 0 keeps a frozen reference copy
     c.algo.old_logprobs = "trainer"  # trainer: one extra forward pass | sampler: the sampler's own (sec. 5.4)
     c.algo.max_nonfinite_updates = 3  # stop after this many skipped (NaN/inf) updates in a row
+    # Sequence packing: the update's forward runs on rows that hold several sequences end to end
+    # (gspo_jax/packing.py) instead of [prompt | completion] rows that are often half padding.
+    c.algo.pack_sequences = True
     # Routing Replay (GSPO paper): updates route every token through the experts the policy chose
     # before the first update (router weights stay live); meant for the token level, allowed at all.
     c.algo.routing_replay = False
@@ -107,7 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every = 100  # RL steps; a final checkpoint is always written
     c.checkpoint.keep = 3
     c.checkpoint.keep_best_by = ""  # also keep the best checkpoint by this metric, e.g. eval/accuracy
-    c.checkpoint.keep_best_mode = ""  # max | min; "": the metric's own (max for accuracy/reward, min for loss)
+    c.checkpoint.keep_best_mode = (
+        ""  # max | min; "": the metric's own (max for accuracy/reward, min for loss)
+    )
     c.checkpoint.async_save = True
 
     c.log = ml_collections.ConfigDict()

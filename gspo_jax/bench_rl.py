@@ -11,7 +11,9 @@ vocab 64 = the built-in char tokenizer) and runs real steps on sort-digit prompt
 per rollout on the sampler's log-probs (algo.minibatches=1, old_logprobs=sampler; the setting the
 peers were measured at) and `trainer4` = the default 4 minibatch updates with an extra old-policy
 forward. Each setting runs in a fresh subprocess so `peak_rss_gb` (ru_maxrss) is its own. The first
-step compiles; `rl_step_s` and its parts are medians of the --steps steps after it. Parts: rollout,
+step compiles; `rl_step_s` and its parts are medians of the --steps steps after it that compiled
+nothing (`compiling_steps` counts the others: a packed update compiles again when a step needs more
+packed rows than any before it; the medians take every timed step if all compiled). Parts: rollout,
 reward and update from the step's time/* metrics, with the old-policy scoring timed apart (it is
 inside time/update_s there) and subtracted from the update.
 
@@ -51,7 +53,7 @@ SHAPES = {
         hidden=256, layers=4, experts=8, expert_width=256, prompts=8, group=4, new_tokens=32, steps=5
     ),
     "medium": dict(
-        hidden=512, layers=8, experts=16, expert_width=512, prompts=16, group=4, new_tokens=128, steps=2
+        hidden=512, layers=8, experts=16, expert_width=512, prompts=16, group=4, new_tokens=128, steps=4
     ),
 }
 RL_SETTINGS = {"sampler1": (1, "sampler"), "trainer4": (4, "trainer")}
@@ -68,6 +70,9 @@ def define_flags() -> None:
         ["float32", "bfloat16"],
         "rl_step: compute dtype (model.dtype); bfloat16 also makes the sampler's weight copy bf16 "
         "(model.rollout_dtype). Parameters and Adam stay fp32; update_mfu is against this dtype's peak.",
+    )
+    flags.DEFINE_bool(
+        "pack_sequences", True, "rl_step: sequence packing for the update and scoring (algo.pack_sequences)."
     )
     flags.DEFINE_list("sweep_lengths", ["128", "512", "2048"], "Sweep: completion lengths.")
     flags.DEFINE_list("sweep_groups", ["2", "4", "8"], "Sweep: group sizes.")
@@ -109,6 +114,7 @@ def run_config(shape: dict, setting: str, steps: int):
     cfg.mesh.num_devices = 1
     cfg.model.dtype = shape.get("dtype", "float32")
     cfg.model.rollout_dtype = "" if cfg.model.dtype == "float32" else cfg.model.dtype
+    cfg.algo.pack_sequences = shape.get("pack_sequences", True)
     return cfg
 
 
@@ -178,10 +184,16 @@ def measure_rl_step(shape_name: str, setting: str, steps: int) -> dict:
     )
     rl.score_fn = _Timed(rl.score_fn)
     state = init_train_state(rl.optimizer, policy.params)
+    compile_s = [0.0]
+    count_compiles = lambda name, secs, **_: (
+        name.endswith("backend_compile_duration") and compile_s.append(secs)
+    )
+    jax.monitoring.register_event_duration_secs_listener(count_compiles)
     rows = []
     for step in range(steps + 1):
         batch = next(data)
         rl.score_fn.seconds = 0.0
+        compiles_before = len(compile_s)
         start = time.perf_counter()
         state, result = rl(state, batch, None, jax.random.key(step))
         jax.block_until_ready(state)
@@ -197,9 +209,15 @@ def measure_rl_step(shape_name: str, setting: str, steps: int) -> dict:
                 "generated": float(result.scored.lengths.sum()),
                 "update_tokens": float(prompt_lens.sum() + result.scored.lengths.sum()),
                 "update_flops": update_flops(mcfg, prompt_lens, result.scored.lengths),
+                "compiled": len(compile_s) > compiles_before,
             }
         )
+    jax.monitoring.unregister_event_duration_listener(count_compiles)
     first, timed = rows[0], rows[1:]
+    compiling = sum(r["compiled"] for r in timed)
+    # Steady state: steps that compiled nothing (a packed update compiles again when a step needs more
+    # packed rows than any before it); all timed steps if every one compiled.
+    timed = [r for r in timed if not r["compiled"]] or timed
 
     def total(key):
         return sum(r[key] for r in timed)
@@ -209,6 +227,7 @@ def measure_rl_step(shape_name: str, setting: str, steps: int) -> dict:
         "shape": shape_name,
         "setting": setting,
         "dtype": cfg.model.dtype,
+        "packed": cfg.algo.pack_sequences,
         "minibatches": cfg.algo.minibatches,
         "old_logprobs": cfg.algo.old_logprobs,
         "prompts": shape["prompts"],
@@ -216,6 +235,7 @@ def measure_rl_step(shape_name: str, setting: str, steps: int) -> dict:
         "max_new_tokens": shape["new_tokens"],
         "params_m": sum(x.size for x in jax.tree.leaves(params)) / 1e6,
         "steps": steps,
+        "compiling_steps": compiling,
         **median,
         "first_step_s": first["rl_step_s"],
         "gen_tokens_per_s": total("generated") / total("rollout_s"),
@@ -250,7 +270,10 @@ def run_rl_step() -> list[dict]:
     f = flags.FLAGS
     shape = f.shape or "small"
     steps = f.steps or SHAPES[shape]["steps"]
-    return [in_subprocess(shape, setting, steps, dtype=f.dtype) for setting in f.rl_settings]
+    return [
+        in_subprocess(shape, setting, steps, dtype=f.dtype, pack_sequences=f.pack_sequences)
+        for setting in f.rl_settings
+    ]
 
 
 def run_dispatch() -> list[dict]:
@@ -332,8 +355,8 @@ def _columns(names: str) -> list[tuple[str, str]]:
 
 COLUMNS = {
     "rl_step": _columns(
-        "shape setting dtype rl_step_s rollout_s reward_s old_policy_s update_s gen_tokens_per_s "
-        "update_tokens_per_s update_mfu peak_rss_gb first_step_s error"
+        "shape setting dtype packed rl_step_s rollout_s reward_s old_policy_s update_s gen_tokens_per_s "
+        "update_tokens_per_s update_mfu peak_rss_gb first_step_s compiling_steps error"
     ),
     "sweep": _columns("max_new_tokens group rl_step_s rollout_s update_s update_mfu peak_rss_gb error"),
     "dispatch": _columns("dispatch tokens fwd_bwd_s first_call_s"),

@@ -18,6 +18,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from gspo_jax import packing
+
 
 def lm_head_logits(hidden_xd, lm_head_dv, precision=jax.lax.Precision.HIGHEST):
     """[..., V] float32 logits: hidden @ lm_head with fp32 accumulation and output, whatever the input
@@ -151,6 +153,35 @@ def completion_logprobs(
         hidden,
         model.lm_head_weight(),
         targets,
+        temperature=temperature,
+        chunk_size=chunk,
+        with_entropy=with_entropy,
+    )
+    logp, entropy = result if with_entropy else (result, None)
+    return logp, entropy, out.router_stats
+
+
+def packed_completion_logprobs(
+    model,
+    tokens_nt,
+    rows,
+    completion_len: int,
+    *,
+    temperature: float,
+    chunk: int,
+    with_entropy: bool = False,
+    replay_expert_ids=None,
+):
+    """completion_logprobs of a minibatch's rollout rows tokens_nt [S * n, T], with the forward run on
+    the packed rows of `rows` (a packing.PackedRows with [S, ...] leaves): ([S * n, C] log-probs,
+    entropy, router stats over the packed rows). replay_expert_ids are in the packed layout
+    ([L_moe, S * R, W, k], packing.packed_replay_ids)."""
+    ids, inputs = packing.forward_inputs(tokens_nt, rows)
+    out = model.forward(ids, replay_expert_ids=replay_expert_ids, **inputs)
+    result = token_logprobs_from_hidden(
+        packing.gather_hidden(out.hidden, rows.hidden_index),
+        model.lm_head_weight(),
+        tokens_nt[:, -completion_len:],
         temperature=temperature,
         chunk_size=chunk,
         with_entropy=with_entropy,

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
-from gspo_jax import optim, policy, sharding
+from gspo_jax import optim, packing, policy, sharding
 from gspo_jax.models import expert_buffers, tiled
 from gspo_jax.models.config import ModelConfig
 from gspo_jax.models.hf import abstract_model
@@ -329,14 +329,35 @@ def fitting_mesh(cfg, num_devices: int, accelerator: str) -> dict:
     return {"num_devices": None, "mesh": None, "peak_bytes": None}
 
 
-def abstract_rollout_batch(mesh, rows: int, prompt_len: int, width: int):
-    """A RolloutBatch of ShapeDtypeStructs, rows split over the batch axes like the trainer's."""
+def abstract_packing(mesh, rows: int, prompt_len: int, width: int, minibatches: int, iterations: int):
+    """A packing.PackedRows of ShapeDtypeStructs for `rows` sequences at the widest packing (every
+    sequence a full row: the most packed rows a step can need), shard dim split like the trainer's."""
+    shards = sharding.batch_divisor(mesh)
+    n = rows // (shards * minibatches)
+    lead = (iterations, minibatches, shards)
+    spec = NamedSharding(mesh, PartitionSpec(None, None, sharding.BATCH_AXES))
+    slots = jax.ShapeDtypeStruct((*lead, n, prompt_len + width - 1), jnp.int32, sharding=spec)
+    return packing.PackedRows(
+        sequences=jax.ShapeDtypeStruct((*lead, n), jnp.int32, sharding=spec),
+        row_seq=slots,
+        row_t=slots,
+        positions=slots,
+        segments=slots,
+        hidden_index=jax.ShapeDtypeStruct((*lead, n, width), jnp.int32, sharding=spec),
+    )
+
+
+def abstract_rollout_batch(mesh, rows: int, prompt_len: int, width: int, packed_as=None):
+    """A RolloutBatch of ShapeDtypeStructs, rows split over the batch axes like the trainer's;
+    packed_as=(minibatches, iterations) adds the widest packing plan (abstract_packing)."""
 
     def rowwise(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
 
     per_token = rowwise((rows, width), jnp.float32)
+    plan = None if packed_as is None else abstract_packing(mesh, rows, prompt_len, width, *packed_as)
     return RolloutBatch(
+        packing=plan,
         tokens=rowwise((rows, prompt_len + width), jnp.int32),
         valid=rowwise((rows, prompt_len + width), jnp.bool_),
         completion_mask=per_token,
@@ -356,7 +377,8 @@ def compiled_memory(cfg) -> dict[str, float]:
     optimizer = optim.make_optimizer(cfg.optim, policy.total_updates(cfg))
     settings = UpdateSettings.from_config(cfg, mcfg.router_aux_loss_coef)
     train = make_train_fn(graphdef, optimizer, settings, sharding.shardings_of(state))
-    batch = abstract_rollout_batch(mesh, *sequence_shape(cfg))
+    packed_as = (settings.minibatches, settings.iterations) if cfg.algo.pack_sequences else None
+    batch = abstract_rollout_batch(mesh, *sequence_shape(cfg), packed_as=packed_as)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
     with sharding.use_mesh(mesh, cfg.mesh.rules.to_dict()):  # as the trainer traces it (expert parallelism)
         stats = train.lower(state, batch, key).compile().memory_analysis()

@@ -1,8 +1,9 @@
 """One GSPO step as a function: prompts -> sample -> rewards -> group advantages -> minibatch updates.
 
 `RLStep(state, batch, ref_params, key)` returns the new train state and the step's metrics. It reads
-no files, writes none and keeps no counters: the run loop (trainer.py) feeds it prompt batches and
-owns resume, evaluation cadence, checkpoints and logging. Shape letters: BUILD_NOTES.md, "Shapes".
+no files, writes none and keeps no counters (only the packed row counts it has compiled for, which
+change shapes, never results): the run loop (trainer.py) feeds it prompt batches and owns resume,
+evaluation cadence, checkpoints and logging. Shape letters: BUILD_NOTES.md, "Shapes".
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from gspo_jax import diagnostics, losses, metrics, rollout, sharding
+from gspo_jax import diagnostics, losses, metrics, packing, rollout, sharding
 from gspo_jax.data import PromptBatch, widen
 from gspo_jax.optim import make_optimizer
 from gspo_jax.policy import Policy, total_updates, train_state_shardings
@@ -47,12 +49,20 @@ def config_errors(cfg) -> list[str]:
         errors.append("--config.algo.max_nonfinite_updates: must be >= 1")
     for key, value in (
         ("algo.routing_replay", a.routing_replay),
+        ("algo.pack_sequences", a.pack_sequences),
         ("log.routing_volatility", cfg.log.routing_volatility),
         ("log.ratio_by_length", cfg.log.ratio_by_length),
     ):
         if not isinstance(value, bool):
             errors.append(f"--config.{key}: {value!r}: use True or False")
     return errors
+
+
+def host_rng(key: jax.Array) -> np.random.Generator:
+    """A numpy generator seeded by a jax PRNG key: host-side randomness that a resumed run repeats."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.random.default_rng(np.asarray(jax.device_get(key)).reshape(-1))
 
 
 def _cast_params(params, dtype):
@@ -79,6 +89,7 @@ class RLStep:
         self.rewards = rewards
         self.stop_ids = stop_ids
         self.group = cfg.rollout.group_size
+        self._packed_rows: dict[tuple, int] = {}  # (scoring?, completion width) -> packed rows compiled for
         self.settings = UpdateSettings.from_config(cfg, policy.config.router_aux_loss_coef)
         self.optimizer = make_optimizer(cfg.optim, total_updates(cfg))
         # Jitted phases trace under the mesh context: model code reads it for expert parallelism and
@@ -114,6 +125,32 @@ class RLStep:
             )
         )
 
+    def _packing(self, prompt_mask_np, completion_lens, width: int, key=None) -> packing.PackedRows | None:
+        """A sequence-packing plan for this host's rows, placed on the mesh, or None when
+        algo.pack_sequences is off. With `key`: the update's (passes of shuffled minibatches);
+        without: scoring's (one pass, the minibatch-sized chunks in row order). Every process packs its
+        own rows with one shared row count."""
+        if not self.cfg.algo.pack_sequences:
+            return None
+        # Row counts only grow per (plan, completion width): a step whose packing would fit fewer
+        # rows than an earlier one reuses that one's compiled program instead of compiling another.
+        seen = (key is None, width)
+        plan = packing.plan_packing(
+            np.repeat(np.asarray(prompt_mask_np).sum(axis=1), self.group),
+            np.minimum(completion_lens, width),
+            prompt_width=prompt_mask_np.shape[1],
+            completion_width=width,
+            shards=sharding.batch_divisor(self.mesh) // jax.process_count(),
+            minibatches=self.settings.minibatches,
+            passes=1 if key is None else self.settings.iterations,
+            rng=None if key is None else host_rng(key),
+            min_rows=self._packed_rows.get(seen, 1),
+            sync_rows=sharding.max_over_hosts,
+        )
+        self._packed_rows[seen] = plan.rows
+        shard_dim = NamedSharding(self.mesh, PartitionSpec(None, None, sharding.BATCH_AXES))
+        return jax.tree.map(lambda x: sharding.host_to_global(x, shard_dim), plan)
+
     def __call__(
         self, state: TrainState, batch: PromptBatch, ref_params, key: jax.Array
     ) -> tuple[TrainState, StepResult]:
@@ -143,24 +180,31 @@ class RLStep:
         width = rollout.completion_bucket(longest, cfg.rollout.max_new_tokens)
         layout = rollout.training_layout(prompt_ids, prompt_mask, out, self.group, width)
         expert_ids = None
+        score_old = cfg.algo.old_logprobs == "trainer" and not self.settings.routing_replay
+        score_plan = None
+        if score_old or ref_params is not None:
+            score_plan = self._packing(batch.prompt_mask, scored.lengths, width)
         if self.settings.routing_replay:
             # The policy before the first update routes the batch once: its log-probs are pi_old's
             # with old_logprobs=trainer, and its expert ids are what the updates replay.
             old_logp_bc, expert_ids = self.score_with_ids_fn(
                 state.params, layout.tokens_bt, layout.valid_bt, layout.completion_mask_bc
             )
-        elif cfg.algo.old_logprobs == "trainer":
+        elif score_old:
             old_logp_bc = self.score_fn(
-                state.params, layout.tokens_bt, layout.valid_bt, layout.completion_mask_bc
+                state.params, layout.tokens_bt, layout.valid_bt, layout.completion_mask_bc, score_plan
             )
         if cfg.algo.old_logprobs == "sampler":
             old_logp_bc = layout.sampler_logp_bc
         ref_logp_bc = (
-            self.score_fn(ref_params, layout.tokens_bt, layout.valid_bt, layout.completion_mask_bc)
+            self.score_fn(
+                ref_params, layout.tokens_bt, layout.valid_bt, layout.completion_mask_bc, score_plan
+            )
             if ref_params is not None
             else jnp.zeros_like(layout.sampler_logp_bc)
         )
         rollout_batch = RolloutBatch(
+            packing=self._packing(batch.prompt_mask, scored.lengths, width, key=train_key),
             tokens=layout.tokens_bt,
             valid=layout.valid_bt,
             completion_mask=layout.completion_mask_bc,

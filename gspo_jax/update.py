@@ -18,8 +18,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gspo_jax import diagnostics, losses
-from gspo_jax.logprobs import completion_logprobs
+from gspo_jax import diagnostics, losses, packing
+from gspo_jax.logprobs import completion_logprobs, packed_completion_logprobs
 from gspo_jax.models.moe import load_balancing_loss
 from gspo_jax.sharding import BATCH_AXES
 
@@ -29,7 +29,9 @@ from gspo_jax.sharding import BATCH_AXES
 class RolloutBatch:
     """tokens/valid: [B, T]; completion_mask, old_logp, sampler_logp, ref_logp: [B, C];
     advantages: [B] (one per sequence); expert_ids: [B, L_moe, T - 1, k] int32, the old policy's
-    expert choices over tokens[:, :-1] (routing replay), or None."""
+    expert choices over tokens[:, :-1] (routing replay), or None; packing: the step's sequence-packing
+    plan (packing.PackedRows: the update's passes, minibatches and packed rows), or None to train on
+    the [B, T] rows as they are, shuffled on the device."""
 
     tokens: jax.Array
     valid: jax.Array
@@ -39,6 +41,7 @@ class RolloutBatch:
     sampler_logp: jax.Array
     ref_logp: jax.Array
     expert_ids: jax.Array | None = None
+    packing: packing.PackedRows | None = None
 
     @property
     def completion_len(self) -> int:
@@ -102,12 +105,17 @@ def _minibatches(tree, num: int):
 
 
 def make_score_fn(graphdef, settings: UpdateSettings, with_expert_ids: bool = False) -> Callable:
-    """jit(params, tokens, valid, completion_mask) -> log-probs [B, C], in minibatch-sized chunks;
-    with_expert_ids: (log-probs, expert ids [B, L_moe, T - 1, k] the forward routed with), which
-    routing replay reuses (the forward computes them anyway)."""
+    """jit(params, tokens, valid, completion_mask, plan=None) -> log-probs [B, C], in minibatch-sized
+    chunks; with a packing plan (packing.PackedRows of one pass, its minibatches the chunks) the
+    forward runs on packed rows. with_expert_ids: (log-probs, expert ids [B, L_moe, T - 1, k] the
+    forward routed with), which routing replay reuses (the forward computes them anyway; unpacked)."""
 
-    def score(params, tokens, valid, completion_mask):
+    def score(params, tokens, valid, completion_mask, plan=None):
         model = nnx.merge(graphdef, params)
+        if plan is not None:
+            if with_expert_ids:
+                raise ValueError("scoring with expert ids runs on unpacked rows: pass plan=None")
+            return _packed_score(model, tokens, completion_mask, plan, settings)
 
         def one(chunk):
             t, v = chunk
@@ -131,9 +139,43 @@ def make_score_fn(graphdef, settings: UpdateSettings, with_expert_ids: bool = Fa
     return jax.jit(score)
 
 
-def _routed_ids(model, mb: RolloutBatch):
-    """[L_moe, b, T - 1, k] the experts `model` routes mb's tokens to (the log-prob forward's inputs)."""
-    return model.forward(mb.tokens[:, :-1], valid_bt=mb.valid[:, :-1]).router_stats.expert_ids
+def _packed_score(model, tokens, completion_mask, plan: packing.PackedRows, settings: UpdateSettings):
+    """[B, C] log-probs of every sequence from packed forwards, one per chunk of the plan's single pass,
+    put back in row order inside each batch shard."""
+    chunks = jax.tree.map(lambda x: x[0], plan)  # [M, S, ...]
+    width_c = completion_mask.shape[1]
+
+    def one(rows: packing.PackedRows):
+        mb_tokens = packing.gather_sequences(tokens, rows.sequences)
+        logp, _, _ = packed_completion_logprobs(
+            model, mb_tokens, rows, width_c, temperature=settings.temperature, chunk=settings.logprob_chunk
+        )
+        return logp  # [S * n, C]
+
+    logp_m = jax.lax.map(one, chunks)
+    return packing.scatter_sequences(logp_m, chunks.sequences, tokens.shape[0]) * completion_mask
+
+
+def replay_layout(mb: RolloutBatch, rows):
+    """mb's routing-replay ids as the forward takes them: [L_moe, b, T - 1, k], or packed
+    ([L_moe, S * R, W, k]) when `rows` is the minibatch's packing."""
+    if rows is None:
+        return jnp.swapaxes(mb.expert_ids, 0, 1)
+    return packing.packed_replay_ids(mb.expert_ids, rows.row_seq, rows.row_t)
+
+
+def routed_valid(mb: RolloutBatch, rows):
+    """The real tokens of the training forward's positions: [b, T - 1], or [S * R, W] packed."""
+    return mb.valid[:, :-1] if rows is None else packing.forward_inputs(mb.tokens, rows)[1]["valid_bt"]
+
+
+def _routed_ids(model, mb: RolloutBatch, rows):
+    """The experts `model` routes the training forward's inputs to: [L_moe, b, T - 1, k] (or the
+    packed [L_moe, S * R, W, k])."""
+    if rows is None:
+        return model.forward(mb.tokens[:, :-1], valid_bt=mb.valid[:, :-1]).router_stats.expert_ids
+    ids, inputs = packing.forward_inputs(mb.tokens, rows)
+    return model.forward(ids, **inputs).router_stats.expert_ids
 
 
 def make_train_fn(
@@ -145,7 +187,8 @@ def make_train_fn(
     old one's layout, which GSPMD would otherwise choose per leaf: equal in and out shardings let the
     donated buffers be reused and keep step 2 from recompiling."""
 
-    def loss_fn(params, mb: RolloutBatch):
+    def loss_fn(params, mb: RolloutBatch, rows: packing.PackedRows | None):
+        """rows: this minibatch's packed layout ([S, ...] leaves) or None (mb's rows as they are)."""
         model = nnx.merge(graphdef, params)
         replay_ids = None
         if settings.routing_replay:
@@ -153,17 +196,29 @@ def make_train_fn(
                 raise ValueError(
                     "routing_replay needs the old policy's expert ids in RolloutBatch.expert_ids"
                 )
-            replay_ids = jnp.swapaxes(mb.expert_ids, 0, 1)  # [L_moe, b, T - 1, k]
-        logp, entropy, stats = completion_logprobs(
-            model,
-            mb.tokens,
-            mb.valid,
-            mb.completion_len,
-            temperature=settings.temperature,
-            chunk=settings.logprob_chunk,
-            with_entropy=True,
-            replay_expert_ids=replay_ids,
-        )
+            replay_ids = replay_layout(mb, rows)
+        if rows is None:
+            logp, entropy, stats = completion_logprobs(
+                model,
+                mb.tokens,
+                mb.valid,
+                mb.completion_len,
+                temperature=settings.temperature,
+                chunk=settings.logprob_chunk,
+                with_entropy=True,
+                replay_expert_ids=replay_ids,
+            )
+        else:
+            logp, entropy, stats = packed_completion_logprobs(
+                model,
+                mb.tokens,
+                rows,
+                mb.completion_len,
+                temperature=settings.temperature,
+                chunk=settings.logprob_chunk,
+                with_entropy=True,
+                replay_expert_ids=replay_ids,
+            )
         mask = mb.completion_mask
         loss, metrics = losses.policy_loss(
             logp,
@@ -193,25 +248,25 @@ def make_train_fn(
         if replay_ids is not None:
             # What the replayed forward routed with against the old policy's choices: 0 unless the
             # replay failed to reach a layer.
-            valid = mb.valid[:, :-1]
             metrics["routing/replay_volatility"] = jnp.mean(
-                diagnostics.routing_volatility(replay_ids, routed_ids, valid)
+                diagnostics.routing_volatility(replay_ids, routed_ids, routed_valid(mb, rows))
             )
         return loss + settings.aux_loss_coef * aux, (metrics, routed_ids)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def volatility(params_before, params_after, routed_ids, mb: RolloutBatch):
+    def volatility(params_before, params_after, routed_ids, mb: RolloutBatch, rows):
         """Routing volatility of one update over mb's tokens: the training forward's own routing is
         the "before" one unless it was replayed; one more forward (two with replay) without grads."""
         before = routed_ids
         if settings.routing_replay:
-            before = _routed_ids(nnx.merge(graphdef, params_before), mb)
-        after = _routed_ids(nnx.merge(graphdef, params_after), mb)
-        return diagnostics.volatility_metrics(before, after, mb.valid[:, :-1])
+            before = _routed_ids(nnx.merge(graphdef, params_before), mb, rows)
+        after = _routed_ids(nnx.merge(graphdef, params_after), mb, rows)
+        return diagnostics.volatility_metrics(before, after, routed_valid(mb, rows))
 
-    def update(state: TrainState, mb: RolloutBatch):
-        (total, (metrics, routed_ids)), grads = grad_fn(state.params, mb)
+    def update(state: TrainState, xs):
+        mb, rows = xs
+        (total, (metrics, routed_ids)), grads = grad_fn(state.params, mb, rows)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -224,7 +279,7 @@ def make_train_fn(
         )
         metrics |= {"loss": total, "grad_norm": grad_norm, "update_skipped": (~finite).astype(jnp.float32)}
         if settings.routing_volatility and routed_ids is not None:
-            metrics |= volatility(state.params, new_state.params, routed_ids, mb)
+            metrics |= volatility(state.params, new_state.params, routed_ids, mb, rows)
         return new_state, metrics
 
     def rows_split(minibatches: RolloutBatch) -> RolloutBatch:
@@ -241,10 +296,29 @@ def make_train_fn(
         )
 
     def train(state: TrainState, batch: RolloutBatch, key):
+        plan, sequences = batch.packing, dataclasses.replace(batch, packing=None)
+        if plan is not None:
+            if plan.sequences.shape[:2] != (settings.iterations, settings.minibatches):
+                raise ValueError(
+                    f"the packing plan has {plan.sequences.shape[:2]} (passes, minibatches); the update "
+                    f"runs {(settings.iterations, settings.minibatches)}"
+                )
+
+            def packed_pass(state, pass_plan):
+                # [M, S * n, ...]: each minibatch's sequences, gathered inside their batch shards
+                minibatches = jax.vmap(
+                    lambda seq: jax.tree.map(lambda x: packing.gather_sequences(x, seq), sequences)
+                )(pass_plan.sequences)
+                return jax.lax.scan(update, state, rows_split((minibatches, pass_plan)))
+
+            return jax.lax.scan(packed_pass, state, plan)
+
         def one_pass(state, pass_key):
             order = jax.random.permutation(pass_key, batch.tokens.shape[0])
-            shuffled = jax.tree.map(lambda x: x[order], batch)
-            return jax.lax.scan(update, state, rows_split(_minibatches(shuffled, settings.minibatches)))
+            shuffled = jax.tree.map(lambda x: x[order], sequences)
+            return jax.lax.scan(
+                update, state, (rows_split(_minibatches(shuffled, settings.minibatches)), None)
+            )
 
         return jax.lax.scan(one_pass, state, jax.random.split(key, settings.iterations))
 

@@ -129,7 +129,9 @@ def test_no_expert_parallelism_without_mesh_or_when_off():
     with sharding.use_mesh(make_mesh(data=8)):
         assert expert_parallel.expert_parallel_layout(B, (E, D, I), (E, I, D)) is None  # experts not split
     with sharding.use_mesh(make_mesh(data=2, expert=4)):
-        assert expert_parallel.expert_parallel_layout(2, (E, D, I), (E, I, D)) is None  # 2 rows over 8 devices
+        assert (
+            expert_parallel.expert_parallel_layout(2, (E, D, I), (E, I, D)) is None
+        )  # 2 rows over 8 devices
     with pytest.raises(ValueError, match="expert_parallel='on'"):
         ModelConfig(expert_parallel="on")
 
@@ -168,8 +170,9 @@ def collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]], str]]:
     return found
 
 
-def compiled_train_step(mesh, model_cfg=MODEL, rows=16, prompt=6, new=4):
-    """Optimised HLO of update.make_train_fn's step for `rows` sequences, traced under the mesh."""
+def compiled_train_step(mesh, model_cfg=MODEL, rows=16, prompt=6, new=4, packed=False):
+    """Optimised HLO of update.make_train_fn's step for `rows` sequences, traced under the mesh
+    (packed: with the widest sequence-packing plan)."""
     graphdef, abstract = abstract_model(model_cfg)
     param_sh = sharding.param_shardings(abstract, mesh)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, param_sh)
@@ -184,7 +187,7 @@ def compiled_train_step(mesh, model_cfg=MODEL, rows=16, prompt=6, new=4):
     )
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
 
-    batch = plan.abstract_rollout_batch(mesh, rows, prompt, new)
+    batch = plan.abstract_rollout_batch(mesh, rows, prompt, new, packed_as=(2, 1) if packed else None)
     settings = UpdateSettings(
         level="sequence",
         eps_low=3e-4,

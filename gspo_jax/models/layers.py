@@ -158,13 +158,16 @@ class KVCache:
         )
 
 
-def attention_mask(q_pos_bt, k_pos_bs, k_valid_bs, window: int | None):
-    """[B, T, S] bool: key s visible to query t iff valid, not in the future, and inside the window."""
+def attention_mask(q_pos_bt, k_pos_bs, k_valid_bs, window: int | None, q_seg_bt=None, k_seg_bs=None):
+    """[B, T, S] bool: key s visible to query t iff valid, not in the future, inside the window and
+    (with segment ids: packed sequences) in the same segment."""
     q = q_pos_bt[:, :, None]
     k = k_pos_bs[:, None, :]
     mask = k_valid_bs[:, None, :] & (k <= q)
     if window:
         mask &= (q - k) < window
+    if q_seg_bt is not None:
+        mask &= q_seg_bt[:, :, None] == k_seg_bs[:, None, :]
     return mask
 
 
@@ -183,26 +186,34 @@ def grouped_attention(q_bthd, k_bshd, v_bshd, mask_bts):
     return out.reshape(b, t, heads, d)
 
 
-def causal_self_attention(q_bthd, k_bthd, v_bthd, pos_bt, valid_bt, window: int | None, chunk: int):
+def causal_self_attention(
+    q_bthd, k_bthd, v_bthd, pos_bt, valid_bt, window: int | None, chunk: int, segments_bt=None
+):
     """Attention of a call's tokens over themselves (no cache), in query chunks of `chunk` rows.
 
-    Chunk c attends only to keys [0, end of c): the later ones are in its future (left-padded rows,
-    positions non-decreasing along T), which skips about half the [T, T] scores. Each chunk runs under
+    segments_bt: [B, T] int segment ids of packed rows (a key is visible only inside its query's
+    segment), or None. Chunk c attends only to keys [0, end of c): the later ones are in its future
+    (left-padded rows with positions non-decreasing along T, or packed segments laid end to end),
+    which skips about half the [T, T] scores. Each chunk runs under
     jax.checkpoint, so the backward pass recomputes one chunk's scores and probabilities instead of
     keeping all of them: memory O(T * chunk) instead of O(T^2). chunk 0 or >= T: one plain call.
     """
     t = q_bthd.shape[1]
     if not chunk or t <= chunk:
-        return grouped_attention(q_bthd, k_bthd, v_bthd, attention_mask(pos_bt, pos_bt, valid_bt, window))
+        mask = attention_mask(pos_bt, pos_bt, valid_bt, window, segments_bt, segments_bt)
+        return grouped_attention(q_bthd, k_bthd, v_bthd, mask)
 
     def one_chunk(start, end):
         # Slices inside the checkpoint: the backward pass then keeps the whole keys once, not a
         # copy of every chunk's key prefix.
-        def attend(q, k, v, pos, valid):
-            mask = attention_mask(pos[:, start:end], pos[:, :end], valid[:, :end], window)
+        def attend(q, k, v, pos, valid, seg):
+            q_seg, k_seg = (None, None) if seg is None else (seg[:, start:end], seg[:, :end])
+            mask = attention_mask(pos[:, start:end], pos[:, :end], valid[:, :end], window, q_seg, k_seg)
             return grouped_attention(q[:, start:end], k[:, :end], v[:, :end], mask)
 
-        return jax.checkpoint(attend, prevent_cse=False)(q_bthd, k_bthd, v_bthd, pos_bt, valid_bt)
+        return jax.checkpoint(attend, prevent_cse=False)(
+            q_bthd, k_bthd, v_bthd, pos_bt, valid_bt, segments_bt
+        )
 
     outputs = [one_chunk(start, min(start + chunk, t)) for start in range(0, t, chunk)]
     return jnp.concatenate(outputs, axis=1)
@@ -257,8 +268,17 @@ class Attention(nnx.Module):
             y = add_bias(y, getattr(self, f"{name}_bias").value)
         return y
 
-    def __call__(self, x_btd, pos_bt, valid_bt, cache: KVCache | None = None, cache_start=None, layer=None):
-        """Returns (y [B, T, D], updated cache or None).
+    def __call__(
+        self,
+        x_btd,
+        pos_bt,
+        valid_bt,
+        cache: KVCache | None = None,
+        cache_start=None,
+        layer=None,
+        segments_bt=None,
+    ):
+        """Returns (y [B, T, D], updated cache or None). segments_bt: packed rows' segment ids (no cache).
 
         Without a cache the keys are this call's own tokens. With one (whose valid / pos already
         describe this call's slots), the T new keys are written into `layer`'s slice at slots
@@ -272,7 +292,7 @@ class Attention(nnx.Module):
         cos, sin = rope_cos_sin(pos_bt, self.head_dim, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            out = causal_self_attention(q, k, v, pos_bt, valid_bt, self.window, self.chunk)
+            out = causal_self_attention(q, k, v, pos_bt, valid_bt, self.window, self.chunk, segments_bt)
         else:
             cache = cache.write_layer(layer, cache_start, k, v)
             keys, values = (x.astype(self.dtype) for x in cache.layer_kv(layer))

@@ -77,16 +77,25 @@ class DecoderLayer(nnx.Module):
             )
 
     def __call__(
-        self, h_btd, pos_bt, valid_bt, cache=None, cache_start=None, layer=None, replay_ids_btk=None
+        self,
+        h_btd,
+        pos_bt,
+        valid_bt,
+        cache=None,
+        cache_start=None,
+        layer=None,
+        replay_ids_btk=None,
+        segments_bt=None,
     ):
         """One layer: (h [B, T, D], cache with layer `layer`'s buffers updated (or None), RouterStats or None).
 
-        replay_ids_btk: [B, T, k] expert ids for a MoE layer to route with (routing replay), or None."""
+        replay_ids_btk: [B, T, k] expert ids for a MoE layer to route with (routing replay), or None;
+        segments_bt: segment ids of packed rows (attention stays inside a segment), or None."""
         # The residual stream keeps one layout at layer boundaries (sharding.ACTIVATION_RULES), so
         # the collectives around each layer are the same for every layer and predictable.
         h_btd = sharding.constrain(h_btd, RESIDUAL_AXES)
         attn_out, cache = self.self_attn(
-            self.input_layernorm(h_btd), pos_bt, valid_bt, cache, cache_start, layer
+            self.input_layernorm(h_btd), pos_bt, valid_bt, cache, cache_start, layer, segments_bt
         )
         h_btd = sharding.constrain(h_btd + attn_out, RESIDUAL_AXES)
         normed = self.post_attention_layernorm(h_btd)
@@ -147,11 +156,14 @@ class QwenMoeForCausalLM(nnx.Module):
         cache_start=None,
         layer_params=None,
         replay_expert_ids=None,
+        segments_bt=None,
     ) -> DecoderOutput:
         """Runs the decoder.
 
         valid_bt: [B, T] 1 for real tokens, 0 for padding (default all real); positions_bt default to
-        the running count of real tokens. With `cache` (from init_cache), the T tokens are written at
+        the running count of real tokens. segments_bt: [B, T] int segment ids when rows hold several
+        packed sequences (packing.py; pass their positions too): a token attends only inside its
+        segment. Not with a cache. With `cache` (from init_cache), the T tokens are written at
         slots [cache_start, cache_start + T) and attend to everything cached so far. With a cache of
         per-layer buffers (config.decodes_unrolled()) the layers run unrolled, taking their parameters
         from `layer_params` (`self.layer_params()`, computed once outside a decode loop; computed here
@@ -160,6 +172,8 @@ class QwenMoeForCausalLM(nnx.Module):
         forward over the same tokens) that every MoE layer routes with instead of its own top-k: the
         GSPO paper's Routing Replay. Combine weights still come from the current router.
         """
+        if segments_bt is not None and (cache is not None or positions_bt is None):
+            raise ValueError("segments_bt (packed rows) needs positions_bt and no cache")
         if valid_bt is None:
             valid_bt = jnp.ones(input_ids_bt.shape, bool)
         valid_bt = valid_bt.astype(bool)
@@ -180,7 +194,7 @@ class QwenMoeForCausalLM(nnx.Module):
         for (first, _), stack, replay in zip(self.runs, self.layers, replay_runs):
             if cache is None or cache.stacked:
                 h, cache, run_stats = self._scan_layers(
-                    stack, first, h, positions_bt, valid_bt, replay, cache, cache_start
+                    stack, first, h, positions_bt, valid_bt, replay, cache, cache_start, segments_bt
                 )
             else:
                 h, cache, run_stats = self._unrolled_layers(
@@ -224,7 +238,16 @@ class QwenMoeForCausalLM(nnx.Module):
         return slices
 
     def _scan_layers(
-        self, stack, first, h_btd, pos_bt, valid_bt, replay_ids=None, cache=None, cache_start=None
+        self,
+        stack,
+        first,
+        h_btd,
+        pos_bt,
+        valid_bt,
+        replay_ids=None,
+        cache=None,
+        cache_start=None,
+        segments_bt=None,
     ):
         """Runs one stack of layers with lax.scan: (h, stacked cache or None) is the carry, each step
         takes one layer's parameters, index and [B, T, k] replay ids (if any); returns (h, cache,
@@ -235,7 +258,9 @@ class QwenMoeForCausalLM(nnx.Module):
             h_btd, cache = carry
             layer_params, layer, replay_btk = xs
             layer_module = nnx.merge(graphdef, layer_params)
-            h_btd, cache, stats = layer_module(h_btd, pos_bt, valid_bt, cache, cache_start, layer, replay_btk)
+            h_btd, cache, stats = layer_module(
+                h_btd, pos_bt, valid_bt, cache, cache_start, layer, replay_btk, segments_bt
+            )
             return (h_btd, cache), stats
 
         # With remat, a layer's activations are recomputed in the backward pass instead of stored

@@ -1,0 +1,265 @@
+"""Sequence packing (gspo_jax/packing.py): the host plan's invariants, a packed forward against
+transformers run on each sequence alone, and packed updates against unpacked ones on the plan's
+minibatches."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from hf_models import build_hf_model, hf_logits, save_hf_model
+from test_routing_replay import CFG  # MoE, dense, MoE layers: two scanned MoE runs
+
+import gspo_jax
+from gspo_jax import packing
+from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
+from gspo_jax.update import RolloutBatch, TrainState, UpdateSettings, make_score_fn, make_train_fn
+
+
+def test_row_buckets_and_first_fit():
+    assert packing.row_buckets(3) == (1, 2, 3)
+    assert packing.row_buckets(64) == tuple(range(4, 65, 4))
+    assert packing.row_buckets(20)[:3] == (2, 4, 6) and packing.row_buckets(20)[-1] == 20
+    rows = packing.first_fit_decreasing([5, 5, 4, 3, 3], 10)
+    assert sorted(sorted(r) for r in rows) == [[0, 1], [2, 3, 4]]
+    lengths = np.random.default_rng(0).integers(1, 11, 50)
+    rows = packing.first_fit_decreasing(list(lengths), 10)
+    assert sorted(i for r in rows for i in r) == list(range(50))
+    assert all(sum(lengths[i] for i in r) <= 10 for r in rows)
+    assert len(rows) <= 2 * -(-lengths.sum() // 10)  # first fit never leaves two rows half empty
+
+
+@pytest.mark.parametrize("shards,minibatches,passes", [(1, 1, 1), (2, 3, 2)])
+def test_plan_places_every_input_token_once(shards, minibatches, passes):
+    p, c, b = 6, 9, 24
+    rng = np.random.default_rng(1)
+    prompt_lens = rng.integers(1, p + 1, b)
+    completion_lens = rng.integers(1, c + 1, b)
+    plan = packing.plan_packing(
+        prompt_lens,
+        completion_lens,
+        prompt_width=p,
+        completion_width=c,
+        shards=shards,
+        minibatches=minibatches,
+        passes=passes,
+        rng=np.random.default_rng(2),
+    )
+    per_shard, n, width = b // shards, b // (shards * minibatches), p + c - 1
+    assert plan.sequences.shape == (passes, minibatches, shards, n)
+    assert plan.row_seq.shape[-1] == width and plan.hidden_index.shape[-1] == c
+    assert plan.rows in packing.row_buckets(n)
+    total = (prompt_lens + np.minimum(completion_lens, c - 1)).reshape(shards, per_shard)
+    for i, s in np.ndindex(passes, shards):
+        # the minibatches of a pass split the shard's rows
+        assert sorted(plan.sequences[i, :, s].reshape(-1)) == list(range(per_shard))
+        assert sum(np.sum(plan.segments[i, m, s] > 0) for m in range(minibatches)) == total[s].sum()
+    for i, m, s in np.ndindex(passes, minibatches, shards):
+        seg, seq, t, pos = (x[i, m, s] for x in (plan.segments, plan.row_seq, plan.row_t, plan.positions))
+        for j, local in enumerate(plan.sequences[i, m, s]):
+            g = s * per_shard + local
+            plen, clen = prompt_lens[g], completion_lens[g]
+            r, w = np.nonzero((seq == j) & (seg > 0))
+            assert len(set(r)) == 1 and np.all(np.diff(w) == 1)  # one contiguous span in one row
+            assert len(set(seg[r, w])) == 1
+            np.testing.assert_array_equal(t[r, w], np.arange(p - plen, p + min(clen, c - 1)))
+            np.testing.assert_array_equal(pos[r, w], np.arange(plen + min(clen, c - 1)))
+            # the hidden state predicting completion token k is the input at rollout column p - 1 + k
+            idx = plan.hidden_index[i, m, s, j, :clen]
+            rr, ww = idx // width, idx % width
+            np.testing.assert_array_equal(seq[rr, ww], j)
+            np.testing.assert_array_equal(t[rr, ww], p - 1 + np.arange(clen))
+            assert np.all(seg[rr, ww] > 0)
+        # segment ids are distinct per row: each span has its own
+        for r in range(plan.rows):
+            used = seg[r][seg[r] > 0]
+            assert len(set(used)) == len({(int(a), int(b)) for a, b in zip(seq[r][seg[r] > 0], used)})
+
+
+def test_rows_only_grow_when_asked_and_hosts_agree():
+    lens = {
+        "prompt_width": 8,
+        "completion_width": 9,
+        "shards": 1,
+        "minibatches": 1,
+        "passes": 1,
+    }  # rows of 16
+    short = packing.plan_packing([1] * 8, [1] * 8, rng=np.random.default_rng(0), **lens)
+    assert short.rows == 1
+    assert packing.plan_packing([1] * 8, [1] * 8, rng=np.random.default_rng(0), min_rows=5, **lens).rows == 5
+    synced = packing.plan_packing(
+        [1] * 8, [1] * 8, rng=np.random.default_rng(0), sync_rows=lambda r: 3, **lens
+    )
+    assert synced.rows == 3
+    with pytest.raises(ValueError, match="do not split"):
+        packing.plan_packing([1] * 6, [1] * 6, rng=np.random.default_rng(0), **{**lens, "minibatches": 4})
+
+
+def test_packed_forward_matches_transformers_on_each_sequence(tmp_path):
+    hf = build_hf_model("qwen3")
+    model = gspo_jax.from_pretrained(save_hf_model(hf, tmp_path / "m"), attention_chunk=4)
+    rng = np.random.default_rng(3)
+    lengths = (5, 3, 7)
+    sequences = [rng.integers(0, hf.config.vocab_size, n) for n in lengths]
+    width = sum(lengths) + 2  # two padding slots at the end
+    tokens = np.zeros((1, width), np.int64)
+    positions = np.zeros((1, width), np.int32)
+    segments = np.zeros((1, width), np.int32)
+    start = 0
+    for k, seq in enumerate(sequences):
+        tokens[0, start : start + len(seq)] = seq
+        positions[0, start : start + len(seq)] = np.arange(len(seq))
+        segments[0, start : start + len(seq)] = k + 1
+        start += len(seq)
+    out = model.forward(
+        jnp.asarray(tokens),
+        valid_bt=jnp.asarray(segments > 0),
+        positions_bt=jnp.asarray(positions),
+        segments_bt=jnp.asarray(segments),
+    )
+    logits = np.asarray(model.logits(out.hidden))[0]
+    start = 0
+    for seq in sequences:
+        expected = hf_logits(hf, seq[None])[0]
+        np.testing.assert_allclose(logits[start : start + len(seq)], expected, atol=1e-4, rtol=0)
+        start += len(seq)
+
+
+def _rollout(rows=8, prompt=5, completion=6, seed=0):
+    """Rows of [left-padded prompt | completion] with random lengths, and the lengths."""
+    rng = np.random.default_rng(seed)
+    prompt_lens = rng.integers(1, prompt + 1, rows)
+    completion_lens = rng.integers(1, completion + 1, rows)
+    completion_lens[::2] = 1  # short rows that packing can pair up
+    cols = np.arange(prompt + completion)
+    valid = (cols[None] >= prompt - prompt_lens[:, None]) & (cols[None] < prompt + completion_lens[:, None])
+    tokens = np.where(valid, rng.integers(1, CFG.vocab_size, valid.shape), 0)
+    return jnp.asarray(tokens), jnp.asarray(valid), prompt_lens, completion_lens
+
+
+def _settings(minibatches, replay=False):
+    return UpdateSettings(
+        level="sequence",
+        eps_low=0.05,
+        eps_high=0.08,
+        aggregation="seq-mean-token-mean",
+        beta=0.0,
+        aux_loss_coef=0.01,
+        temperature=1.0,
+        logprob_chunk=4,
+        minibatches=minibatches,
+        iterations=1,
+        routing_replay=replay,
+    )
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_packed_update_equals_unpacked_updates_on_the_plan_minibatches(replay):
+    """Two packed minibatch updates give the parameters and metrics of two unpacked single-minibatch
+    updates on the same sequences (the unpacked forward is checked against transformers elsewhere)."""
+    graphdef, params = nnx.split(QwenMoeForCausalLM(CFG, rngs=nnx.Rngs(0)))
+    tokens, valid, prompt_lens, completion_lens = _rollout()
+    prompt = 5
+    mask = valid[:, prompt:].astype(jnp.float32)
+    # old log-probs from slightly different parameters, so ratios differ from 1 and some clip
+    old_params = jax.tree.map(lambda x: x * 1.05, params)
+    old_logp, old_ids = make_score_fn(graphdef, _settings(1), with_expert_ids=True)(
+        old_params, tokens, valid, mask
+    )
+    batch = RolloutBatch(
+        tokens=tokens,
+        valid=valid,
+        completion_mask=mask,
+        advantages=jnp.asarray(np.random.default_rng(4).normal(size=8), jnp.float32),
+        old_logp=old_logp,
+        sampler_logp=old_logp,
+        ref_logp=old_logp,
+        expert_ids=old_ids if replay else None,
+    )
+    plan = packing.plan_packing(
+        prompt_lens,
+        completion_lens,
+        prompt_width=prompt,
+        completion_width=6,
+        shards=1,
+        minibatches=2,
+        passes=1,
+        rng=np.random.default_rng(5),
+    )
+    assert plan.rows < 4  # the 4 rows of a minibatch fit in fewer packed rows
+    optimizer = optax.adam(0.05)
+
+    def start():  # a fresh copy: the train step donates its state
+        fresh = jax.tree.map(jnp.array, params)
+        return TrainState(params=fresh, opt_state=optimizer.init(fresh), step=jnp.zeros((), jnp.int32))
+
+    packed = dataclasses.replace(batch, packing=jax.tree.map(jnp.asarray, plan))
+    state, metrics = make_train_fn(graphdef, optimizer, _settings(2, replay))(
+        start(), packed, jax.random.key(0)
+    )
+
+    one = make_train_fn(graphdef, optimizer, _settings(1, replay))
+    ref_state, ref_losses = start(), []
+    for m in range(2):
+        members = jnp.asarray(plan.sequences[0, m, 0])
+        sub = jax.tree.map(lambda x, rows=members: x[rows], batch)
+        ref_state, ref_metrics = one(ref_state, sub, jax.random.key(m))
+        ref_losses.append(float(ref_metrics["loss"][0, 0]))
+        if replay:
+            assert float(ref_metrics["routing/replay_volatility"][0, 0]) == 0
+    np.testing.assert_allclose(np.asarray(metrics["loss"][0]), ref_losses, rtol=1e-5, atol=1e-6)
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+        # Adam's first steps move every weight by ~lr whatever its gradient's size, so float-rounding
+        # differences in tiny gradients show up at ~1e-6 on weights of scale 0.3
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+    if replay:
+        np.testing.assert_array_equal(np.asarray(metrics["routing/replay_volatility"]), 0)
+
+
+def test_packed_scoring_matches_unpacked_rows():
+    graphdef, params = nnx.split(QwenMoeForCausalLM(CFG, rngs=nnx.Rngs(0)))
+    tokens, valid, prompt_lens, completion_lens = _rollout()
+    mask = valid[:, 5:].astype(jnp.float32)
+    score = make_score_fn(graphdef, _settings(2))
+    # two shards x two chunks, in row order: each shard's rows come back in place
+    plan = packing.plan_packing(
+        prompt_lens,
+        completion_lens,
+        prompt_width=5,
+        completion_width=6,
+        shards=2,
+        minibatches=2,
+        passes=1,
+        rng=None,
+    )
+    want = np.asarray(score(params, tokens, valid, mask))
+    got = np.asarray(score(params, tokens, valid, mask, jax.tree.map(jnp.asarray, plan)))
+    assert np.count_nonzero(want) == int(mask.sum())
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mesh_sizes", [{"fsdp": 2, "expert": 4}, {"data": 2, "expert": 4}])
+def test_packed_train_step_gathers_no_packed_activation_across_devices(mesh_sizes):
+    """Compiled on 8 devices, the packed step's gathers stay inside each batch shard: no collective
+    carries an array shaped by the packed width W or the completion width C (tokens, hidden states,
+    log-probs); the expert exchange (all-to-all over the expert axis) is the dispatch's own."""
+    from test_expert_parallel import MODEL, collectives, compiled_train_step, make_mesh
+
+    prompt, new = 6, 9  # W = 14 and C = 9: sizes no model dimension has
+    width = prompt + new - 1
+    mesh = make_mesh(**mesh_sizes)
+    found = collectives(
+        compiled_train_step(mesh, MODEL.replace(num_hidden_layers=1), prompt=prompt, new=new, packed=True)
+    )
+    assert any(op == "all-to-all" for op, _, _ in found)
+    shaped_by_tokens = [
+        (op, shape)
+        for op, shapes, _ in found
+        if op != "all-to-all"
+        for shape in shapes
+        if width in shape or new in shape
+    ]
+    assert not shaped_by_tokens, shaped_by_tokens
