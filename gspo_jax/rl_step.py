@@ -127,7 +127,7 @@ class RLStep:
 
     def _packing(self, prompt_mask_np, completion_lens, width: int, key=None) -> packing.PackedRows | None:
         """A sequence-packing plan for this host's rows, placed on the mesh, or None when
-        algo.pack_sequences is off. With `key`: the update's (passes of shuffled minibatches);
+        algo.pack_sequences is off or packing would remove too little padding (packing.saves_rows). With `key`: the update's (passes of shuffled minibatches);
         without: scoring's (one pass, the minibatch-sized chunks in row order). Every process packs its
         own rows with one shared row count."""
         if not self.cfg.algo.pack_sequences:
@@ -147,6 +147,8 @@ class RLStep:
             min_rows=self._packed_rows.get(seen, 1),
             sync_rows=sharding.max_over_hosts,
         )
+        if not packing.saves_rows(plan):
+            return None
         self._packed_rows[seen] = plan.rows
         shard_dim = NamedSharding(self.mesh, PartitionSpec(None, None, sharding.BATCH_AXES))
         return jax.tree.map(lambda x: sharding.host_to_global(x, shard_dim), plan)

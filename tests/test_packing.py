@@ -263,3 +263,58 @@ def test_packed_train_step_gathers_no_packed_activation_across_devices(mesh_size
         if width in shape or new in shape
     ]
     assert not shaped_by_tokens, shaped_by_tokens
+
+
+def test_a_plan_that_removes_little_padding_is_not_worth_packing():
+    shape = {"prompt_width": 4, "completion_width": 8, "shards": 1, "minibatches": 1, "passes": 1}
+    full = packing.plan_packing([4] * 8, [8] * 8, rng=None, **shape)  # every sequence fills its row
+    assert full.rows == 8 and not packing.saves_rows(full)
+    half = packing.plan_packing([2] * 8, [3] * 8, rng=None, **shape)  # two per row of 11
+    assert half.rows == 4 and packing.saves_rows(half)
+
+
+def _one_rl_step(pack: bool):
+    """One RLStep of the micro config on two batch shards (old-policy and reference scoring on), from
+    the same parameters, prompts and key: (new params, metrics, packed row counts it compiled for,
+    completion lengths)."""
+    import micro_config
+
+    from gspo_jax import sharding
+    from gspo_jax.data import make_prompt_dataset
+    from gspo_jax.models.hf import abstract_model
+    from gspo_jax.policy import Policy, init_params, init_train_state, model_config
+    from gspo_jax.rewards import RewardSet
+    from gspo_jax.rl_step import RLStep
+    from gspo_jax.tokenizer import eos_token_ids, load_tokenizer
+
+    cfg = micro_config.override(
+        micro_config.get_config(),
+        **{"mesh.num_devices": 2, "mesh.data": 2, "algo.minibatches": 1, "algo.beta": 0.1},
+    )
+    cfg.algo.pack_sequences = pack
+    cfg.rollout.max_new_tokens = 12
+    mesh = sharding.make_mesh(cfg.mesh)
+    mcfg = model_config(cfg)
+    graphdef, abstract = abstract_model(mcfg)
+    params = init_params(mcfg, sharding.param_shardings(abstract, mesh, {}), 0)
+    policy = Policy(mcfg, graphdef, params)
+    tokenizer = load_tokenizer(None)
+    # Half the vocabulary stops a completion: short, uneven completions that leave padding to pack.
+    stop_ids = sorted(set(eos_token_ids(tokenizer)) | set(range(0, mcfg.vocab_size, 2)))
+    rl = RLStep(cfg, policy, mesh, tokenizer, RewardSet.from_reward_config(cfg.reward), stop_ids)
+    batch = next(make_prompt_dataset(cfg.data, tokenizer, prompts_per_step=4, seed=0))
+    ref = jax.tree.map(jnp.array, params)
+    state, result = rl(init_train_state(rl.optimizer, policy.params), batch, ref, jax.random.key(7))
+    return state.params, result.metrics, dict(rl._packed_rows), result.scored.lengths
+
+
+def test_rl_step_packed_equals_unpacked():
+    packed_params, packed, rows, lengths = _one_rl_step(True)
+    params, unpacked, no_rows, same_lengths = _one_rl_step(False)
+    np.testing.assert_array_equal(lengths, same_lengths)  # the same rollout
+    assert len(rows) == 2 and not no_rows, (rows, lengths)  # the update and the scoring both packed
+    for key in ("loss", "entropy", "completion_len/mean", "moe/aux_loss", "logprob_gap/token_abs"):
+        name = next(k for k in unpacked if k == key or k.startswith(key + "/"))
+        assert packed[name] == pytest.approx(unpacked[name], rel=1e-4, abs=1e-6), name
+    for got, want in zip(jax.tree.leaves(packed_params), jax.tree.leaves(params)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
