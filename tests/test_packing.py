@@ -318,3 +318,27 @@ def test_rl_step_packed_equals_unpacked():
         assert packed[name] == pytest.approx(unpacked[name], rel=1e-4, abs=1e-6), name
     for got, want in zip(jax.tree.leaves(packed_params), jax.tree.leaves(params)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def test_packed_update_runs_every_pass_and_checks_the_plan_shape():
+    graphdef, params = nnx.split(QwenMoeForCausalLM(CFG, rngs=nnx.Rngs(0)))
+    tokens, valid, prompt_lens, completion_lens = _rollout()
+    mask = valid[:, 5:].astype(jnp.float32)
+    logp = make_score_fn(graphdef, _settings(1))(params, tokens, valid, mask)
+    batch = RolloutBatch(tokens, valid, mask, jnp.linspace(-1.0, 1.0, 8), logp, logp, logp)
+    shape = {"prompt_width": 5, "completion_width": 6, "shards": 1, "minibatches": 2}
+    plan = packing.plan_packing(prompt_lens, completion_lens, passes=2, rng=np.random.default_rng(0), **shape)
+    assert not np.array_equal(plan.sequences[0], plan.sequences[1])  # each pass shuffles anew
+    optimizer = optax.adam(1e-3)
+    state = TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+    settings = dataclasses.replace(_settings(2), iterations=2)
+    train = make_train_fn(graphdef, optimizer, settings)
+    packed = dataclasses.replace(batch, packing=jax.tree.map(jnp.asarray, plan))
+    state, metrics = train(state, packed, jax.random.key(0))
+    assert metrics["loss"].shape == (2, 2) and np.all(np.isfinite(np.asarray(metrics["loss"])))
+    assert int(state.step) == 4
+    one_pass = packing.plan_packing(prompt_lens, completion_lens, passes=1, rng=None, **shape)
+    with pytest.raises(ValueError, match="passes, minibatches"):
+        train(
+            state, dataclasses.replace(batch, packing=jax.tree.map(jnp.asarray, one_pass)), jax.random.key(1)
+        )
