@@ -3,9 +3,9 @@
 A rollout row is [left-padded prompt (P) | completion (C)], and a batch's rows are often half padding.
 The update's forward runs over the packed rows instead: each sequence's real input tokens (those the
 unpacked forward over the row's first T - 1 columns sees, `input_lengths`) are copied end to end into
-rows of width W = P + C - 1, with positions restarting at 0 and a segment id per sequence that keeps attention
-inside it. The hidden states that predict completion tokens are gathered back to [sequences, C], so
-log-probs and losses see the same [B, C] arrays as without packing.
+rows of width W = P + C - 1, with positions restarting at 0 and a segment id per sequence that keeps
+attention inside it. The hidden states that predict completion tokens are gathered back to
+[sequences, C], so log-probs and losses see the same [B, C] arrays as without packing.
 
 The host plans (numpy, `plan_packing`): it knows every sequence's length once the rollout is scored.
 Per pass over the batch it shuffles each batch shard's sequences, splits them into the minibatches,
@@ -13,10 +13,11 @@ and packs each minibatch's sequences of a shard first-fit decreasing into that s
 stay inside a shard so that every gather on the device is local to it (no collective moves tokens or
 hidden states). The row count is one bucket for the whole step (`row_buckets`), so a step compiles
 once per (completion width, row bucket); the trainer never lowers a width's row count during a run
-(RLStep), so after a few steps every step reuses a compiled update.
+(RLStep), so after a few steps every step reuses a compiled update. A plan that removes less than
+MIN_ROW_SAVING of the rows is not used (`saves_rows`).
 
-The device side (`gather_sequences`, `packed_tokens`, `packed_replay_ids`, `gather_hidden`) runs
-inside the jitted update.
+The device side (`gather_sequences`, `forward_inputs`, `packed_replay_ids`, `gather_hidden`,
+`scatter_sequences`) runs inside the jitted update and scoring.
 """
 
 from __future__ import annotations

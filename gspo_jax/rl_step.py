@@ -127,9 +127,10 @@ class RLStep:
 
     def _packing(self, prompt_mask_np, completion_lens, width: int, key=None) -> packing.PackedRows | None:
         """A sequence-packing plan for this host's rows, placed on the mesh, or None when
-        algo.pack_sequences is off or packing would remove too little padding (packing.saves_rows). With `key`: the update's (passes of shuffled minibatches);
-        without: scoring's (one pass, the minibatch-sized chunks in row order). Every process packs its
-        own rows with one shared row count."""
+        algo.pack_sequences is off or packing would remove too little padding (packing.saves_rows).
+        With `key`: the update's (passes of shuffled minibatches); without: scoring's (one pass, the
+        minibatch-sized chunks in row order). Every process packs its own rows with one shared row
+        count."""
         if not self.cfg.algo.pack_sequences:
             return None
         # Row counts only grow per (plan, completion width): a step whose packing would fit fewer
