@@ -239,6 +239,12 @@ class RLStep:
                 "time/reward_s": t_reward - t_rollout,
                 "time/update_s": t_end - t_reward,
                 "train/completion_bucket": float(width),
+                # packed rows per minibatch and shard / rollout rows there (1: the update ran unpacked)
+                "train/packed_row_frac": (
+                    1.0
+                    if rollout_batch.packing is None
+                    else rollout_batch.packing.rows / rollout_batch.packing.sequences.shape[-1]
+                ),
             }
         )
         skipped = np.asarray(update_metrics["update_skipped"]).reshape(-1).astype(bool)

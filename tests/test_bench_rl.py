@@ -40,6 +40,12 @@ def test_medium_shape_has_the_issue_parameter_count():
     assert counted == total + norms
 
 
+def test_packing_setting_reaches_the_config():
+    assert bench_rl.run_config(bench_rl.SHAPES["small"], "sampler1", steps=1).algo.pack_sequences
+    shape = bench_rl.SHAPES["small"] | {"pack_sequences": False}
+    assert not bench_rl.run_config(shape, "trainer4", steps=1).algo.pack_sequences
+
+
 def test_bf16_setting_reaches_the_model_and_the_rollout_copy():
     shape = bench_rl.SHAPES["small"] | {"dtype": "bfloat16"}
     cfg = bench_rl.run_config(shape, "sampler1", steps=1)
@@ -83,6 +89,7 @@ def test_cli_runs_a_tiny_rl_step_and_writes_json(tmp_path, dtype):
     parts = row["rollout_s"] + row["reward_s"] + row["old_policy_s"] + row["update_s"]
     assert 0 < parts <= row["rl_step_s"] * 1.05 + 1e-3
     assert row["old_policy_s"] == 0.0  # sampler log-probs: no old-policy pass
+    assert row["packed"] is True and 0 <= row["compiling_steps"] <= row["steps"]
     assert 0 < row["update_mfu"] < 1
     assert row["peak_rss_gb"] > 0.1
 

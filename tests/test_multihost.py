@@ -46,6 +46,9 @@ def test_two_process_training_run(tmp_path):
     rl = [l for l in lines if "reward/mean" in l]
     assert [l["step"] for l in rl] == [1, 2]
     assert max(l["train/completion_bucket"] for l in rl) > 8  # past the smallest bucket
+    # Each host packs its own rows: the trainer's log-probs are the sampler's (fp32) only if every
+    # packed sequence was read back for its own row on its own host.
+    assert all(l["logprob_gap/token_abs"] < 1e-3 for l in rl), [l["logprob_gap/token_abs"] for l in rl]
     assert all(l["eval/num_prompts"] == 8 for l in lines if "eval/num_prompts" in l)  # both hosts' halves
     assert sorted(d for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == ["0", "1", "2"]
     assert proc.stdout.count("done:") == 2  # both processes finished

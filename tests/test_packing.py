@@ -313,6 +313,7 @@ def test_rl_step_packed_equals_unpacked():
     params, unpacked, no_rows, same_lengths = _one_rl_step(False)
     np.testing.assert_array_equal(lengths, same_lengths)  # the same rollout
     assert len(rows) == 2 and not no_rows, (rows, lengths)  # the update and the scoring both packed
+    assert packed["train/packed_row_frac"] < 7 / 8 and unpacked["train/packed_row_frac"] == 1.0
     for key in ("loss", "entropy", "completion_len/mean", "moe/aux_loss", "logprob_gap/token_abs"):
         name = next(k for k in unpacked if k == key or k.startswith(key + "/"))
         assert packed[name] == pytest.approx(unpacked[name], rel=1e-4, abs=1e-6), name

@@ -112,9 +112,10 @@ def test_sampler_gap_warning_names_the_fix(old_logprobs, gap, eps, warns):
 
 
 def test_bf16_rmsnorm_rounds_like_hf_and_sums_its_weight_gradient_in_fp32():
-    """Forward: bitwise HF's bf16 product (weight and normalised input each rounded to bf16, product
-    rounded once). Backward: the weight's gradient over 4096 tokens matches float64 within one final
-    bf16 rounding; a bf16 accumulation would not."""
+    """Forward: HF's bf16 product (weight and normalised input each rounded to bf16, product rounded
+    once), bitwise but for the rare element whose fp32 rsqrt lands on a bf16 rounding boundary (XLA's
+    vectorised and scalar rsqrt can differ in the last fp32 bit). Backward: the weight's gradient over
+    4096 tokens matches float64 within one final bf16 rounding; a bf16 accumulation would not."""
     from gspo_jax.models.layers import RMSNorm
 
     rng = np.random.default_rng(0)
@@ -130,7 +131,13 @@ def test_bf16_rmsnorm_rounds_like_hf_and_sums_its_weight_gradient_in_fp32():
     hf = norm.weight.value.astype(jnp.bfloat16) * normed
     out = jax.jit(lambda s: nnx.merge(graphdef, s)(x))(state)
     assert out.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(hf, np.float32))
+
+    differing = lambda a, b: np.mean(np.asarray(a, np.float32) != np.asarray(b, np.float32))
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(hf, np.float32), rtol=2**-7, atol=0)
+    assert differing(out, hf) < 1e-3  # measured 0 or 1 element of 32768
+    # The product of the unrounded normalised input, rounded once, is what the test tells apart:
+    unrounded = norm.weight.value * (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + 1e-6))
+    assert differing(unrounded.astype(jnp.bfloat16), hf) > 0.05
 
     grad = jax.jit(jax.grad(lambda s: jnp.sum((nnx.merge(graphdef, s)(x) * dy).astype(jnp.float32))))(state)
     want = np.sum(np.asarray(dy, np.float64) * np.asarray(normed, np.float64), axis=0)
