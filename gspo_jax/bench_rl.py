@@ -184,16 +184,16 @@ def measure_rl_step(shape_name: str, setting: str, steps: int) -> dict:
     )
     rl.score_fn = _Timed(rl.score_fn)
     state = init_train_state(rl.optimizer, policy.params)
-    compile_s = [0.0]
+    compiles = []  # one entry per XLA compilation in this process
     count_compiles = lambda name, secs, **_: (
-        name.endswith("backend_compile_duration") and compile_s.append(secs)
+        name.endswith("backend_compile_duration") and compiles.append(secs)
     )
     jax.monitoring.register_event_duration_secs_listener(count_compiles)
     rows = []
     for step in range(steps + 1):
         batch = next(data)
         rl.score_fn.seconds = 0.0
-        compiles_before = len(compile_s)
+        compiles_before = len(compiles)
         start = time.perf_counter()
         state, result = rl(state, batch, None, jax.random.key(step))
         jax.block_until_ready(state)
@@ -209,7 +209,7 @@ def measure_rl_step(shape_name: str, setting: str, steps: int) -> dict:
                 "generated": float(result.scored.lengths.sum()),
                 "update_tokens": float(prompt_lens.sum() + result.scored.lengths.sum()),
                 "update_flops": update_flops(mcfg, prompt_lens, result.scored.lengths),
-                "compiled": len(compile_s) > compiles_before,
+                "compiled": len(compiles) > compiles_before,
             }
         )
     jax.monitoring.unregister_event_duration_listener(count_compiles)

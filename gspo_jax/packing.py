@@ -101,24 +101,16 @@ def assign_rows(lengths, *, width: int, shards: int, minibatches: int, passes: i
     plan = []
     for _ in range(passes):
         orders = [np.arange(per_shard) if rng is None else rng.permutation(per_shard) for _ in range(shards)]
-        plan.append(
-            [
-                [
-                    _pack_minibatch(
-                        orders[s][m * per_minibatch : (m + 1) * per_minibatch],
-                        lengths[s * per_shard : (s + 1) * per_shard],
-                        width,
-                    )
-                    for s in range(shards)
-                ]
-                for m in range(minibatches)
-            ]
-        )
+        minibatch_plans = []
+        for m in range(minibatches):
+            shard_plans = []
+            for s, order in enumerate(orders):
+                sequences = order[m * per_minibatch : (m + 1) * per_minibatch]
+                member_lengths = [int(lengths[s * per_shard + i]) for i in sequences]
+                shard_plans.append((sequences, first_fit_decreasing(member_lengths, width)))
+            minibatch_plans.append(shard_plans)
+        plan.append(minibatch_plans)
     return plan
-
-
-def _pack_minibatch(sequences, shard_lengths, width):
-    return sequences, first_fit_decreasing([int(shard_lengths[i]) for i in sequences], width)
 
 
 def rows_needed(assignment) -> int:
@@ -256,13 +248,21 @@ def packed_tokens(x_nt, row_seq_srw, row_t_srw):
     return taken.reshape(shards * rows, width, *x_nt.shape[2:])
 
 
+def _flat_rows(x_srw):
+    return x_srw.reshape(-1, x_srw.shape[-1])
+
+
+def valid_slots(rows: PackedRows):
+    """[S * R, W] bool: the packed slots that hold a token of one minibatch ([S, ...] leaves)."""
+    return _flat_rows(rows.segments) > 0
+
+
 def forward_inputs(tokens_nt, rows: PackedRows):
     """model.forward's inputs for one minibatch packed by `rows` ([S, ...] leaves) from its rollout
     rows tokens_nt [S * n, T]: (ids [S * R, W], keyword arguments valid_bt, positions_bt, segments_bt)."""
-    flat = lambda x: x.reshape(-1, x.shape[-1])
-    segments = flat(rows.segments)
     ids = packed_tokens(tokens_nt, rows.row_seq, rows.row_t)
-    return ids, {"valid_bt": segments > 0, "positions_bt": flat(rows.positions), "segments_bt": segments}
+    inputs = {"valid_bt": valid_slots(rows), "positions_bt": _flat_rows(rows.positions)}
+    return ids, inputs | {"segments_bt": _flat_rows(rows.segments)}
 
 
 def packed_replay_ids(ids_nltk, row_seq_srw, row_t_srw):

@@ -166,7 +166,7 @@ def replay_layout(mb: RolloutBatch, rows):
 
 def routed_valid(mb: RolloutBatch, rows):
     """The real tokens of the training forward's positions: [b, T - 1], or [S * R, W] packed."""
-    return mb.valid[:, :-1] if rows is None else packing.forward_inputs(mb.tokens, rows)[1]["valid_bt"]
+    return mb.valid[:, :-1] if rows is None else packing.valid_slots(rows)
 
 
 def _routed_ids(model, mb: RolloutBatch, rows):
