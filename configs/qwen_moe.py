@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.algo.advantage_scale = "group"  # group | batch | none (Dr. GRPO)
     c.algo.minibatches = 4  # gradient updates per rollout batch (paper: 4): updates 2.. are off-policy
     c.algo.iterations = 1  # passes over the rollout batch
+    # Gradient accumulation: each minibatch update sums the gradients of this many micro-batches (one
+    # forward + backward each; activations are a micro-batch's). The update is the same; memory is less.
+    c.algo.grad_accumulation = 1
     c.algo.beta = 0.0  # KL(pi || ref) coefficient (k3); > 0 keeps a frozen reference copy
     c.algo.old_logprobs = "trainer"  # trainer: one extra forward pass | sampler: the sampler's own (sec. 5.4)
     c.algo.max_nonfinite_updates = 3  # stop after this many skipped (NaN/inf) updates in a row

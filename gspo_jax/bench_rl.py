@@ -74,6 +74,11 @@ def define_flags() -> None:
     flags.DEFINE_bool(
         "pack_sequences", True, "rl_step: sequence packing for the update and scoring (algo.pack_sequences)."
     )
+    flags.DEFINE_integer(
+        "grad_accumulation",
+        1,
+        "rl_step and sweep: micro-batches each update's gradient is summed over (algo.grad_accumulation).",
+    )
     flags.DEFINE_list("sweep_lengths", ["128", "512", "2048"], "Sweep: completion lengths.")
     flags.DEFINE_list("sweep_groups", ["2", "4", "8"], "Sweep: group sizes.")
     flags.DEFINE_string("plot_out", "rl_sweep.png", "Sweep: where to write the plot.")
@@ -115,6 +120,7 @@ def run_config(shape: dict, setting: str, steps: int):
     cfg.model.dtype = shape.get("dtype", "float32")
     cfg.model.rollout_dtype = "" if cfg.model.dtype == "float32" else cfg.model.dtype
     cfg.algo.pack_sequences = shape.get("pack_sequences", True)
+    cfg.algo.grad_accumulation = shape.get("grad_accumulation", 1)
     return cfg
 
 
@@ -229,6 +235,7 @@ def measure_rl_step(shape_name: str, setting: str, steps: int) -> dict:
         "dtype": cfg.model.dtype,
         "packed": cfg.algo.pack_sequences,
         "minibatches": cfg.algo.minibatches,
+        "grad_accumulation": cfg.algo.grad_accumulation,
         "old_logprobs": cfg.algo.old_logprobs,
         "prompts": shape["prompts"],
         "group": shape["group"],
@@ -271,7 +278,14 @@ def run_rl_step() -> list[dict]:
     shape = f.shape or "small"
     steps = f.steps or SHAPES[shape]["steps"]
     return [
-        in_subprocess(shape, setting, steps, dtype=f.dtype, pack_sequences=f.pack_sequences)
+        in_subprocess(
+            shape,
+            setting,
+            steps,
+            dtype=f.dtype,
+            pack_sequences=f.pack_sequences,
+            grad_accumulation=f.grad_accumulation,
+        )
         for setting in f.rl_settings
     ]
 
@@ -312,7 +326,14 @@ def run_sweep() -> list[dict]:
     f = flags.FLAGS
     steps = f.steps or 2
     rows = [
-        in_subprocess(f.shape or "small", "sampler1", steps, new_tokens=int(n), group=int(g))
+        in_subprocess(
+            f.shape or "small",
+            "sampler1",
+            steps,
+            new_tokens=int(n),
+            group=int(g),
+            grad_accumulation=f.grad_accumulation,
+        )
         for n in f.sweep_lengths
         for g in f.sweep_groups
     ]
@@ -355,10 +376,12 @@ def _columns(names: str) -> list[tuple[str, str]]:
 
 COLUMNS = {
     "rl_step": _columns(
-        "shape setting dtype packed rl_step_s rollout_s reward_s old_policy_s update_s gen_tokens_per_s "
+        "shape setting dtype packed grad_accumulation rl_step_s rollout_s reward_s old_policy_s update_s gen_tokens_per_s "
         "update_tokens_per_s update_mfu peak_rss_gb first_step_s compiling_steps error"
     ),
-    "sweep": _columns("max_new_tokens group rl_step_s rollout_s update_s update_mfu peak_rss_gb error"),
+    "sweep": _columns(
+        "max_new_tokens group grad_accumulation rl_step_s rollout_s update_s update_mfu peak_rss_gb error"
+    ),
     "dispatch": _columns("dispatch tokens fwd_bwd_s first_call_s"),
 }
 BENCHMARKS = {"rl_step": run_rl_step, "dispatch": run_dispatch, "sweep": run_sweep}

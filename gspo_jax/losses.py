@@ -164,6 +164,20 @@ def token_mean(values_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
     return _masked_mean(values_bt, mask_bt)
 
 
+def aggregation_denominator(aggregation, mask_bt: jax.Array) -> jax.Array:
+    """What `aggregation` divides a batch's sum by, before its floor of 1: the sequences with >= 1
+    token ("seq-mean-token-mean") or the tokens ("token-mean"). A batch split into parts has
+    aggregate = sum over parts of (part's denominator / batch's) x part's aggregate, which is how
+    gradient accumulation weighs micro-batches."""
+    name = aggregation or DEFAULT_AGGREGATION
+    mask_bt = mask_bt != 0
+    if name == "seq-mean-token-mean":
+        return jnp.sum(mask_bt.any(axis=-1), dtype=jnp.float32)
+    if name == "token-mean":
+        return jnp.sum(mask_bt, dtype=jnp.float32)
+    raise ValueError(f"aggregation {name!r}: use one of {sorted(AGGREGATIONS)}")
+
+
 def logprob_gap_metrics(logp_bt: jax.Array, sampler_logp_bt: jax.Array, mask_bt: jax.Array) -> dict:
     """How far the trainer's log-probs are from the sampler's for the same tokens (paper section 5.4).
 

@@ -151,7 +151,8 @@ def moe_bytes(mcfg: ModelConfig, mesh, tokens: int, platform: str) -> float:
 
 
 def activation_bytes(cfg, mcfg: ModelConfig, mesh, platform: str) -> float:
-    """Peak activation bytes per device of one update minibatch (forward + backward).
+    """Peak activation bytes per device of one update micro-batch (forward + backward; a minibatch
+    when algo.grad_accumulation is 1).
 
     Per layer: norms, q/k/v/o projections, fp32 attention scores and probabilities (over the whole
     [T, T] when unchunked; with model.attention_chunk one [chunk, T] block at a time, recomputed in
@@ -160,7 +161,7 @@ def activation_bytes(cfg, mcfg: ModelConfig, mesh, platform: str) -> float:
     for the backward pass; with remat only each layer's input is, plus one layer's internals
     recomputed and their gradients. Logits exist one `logprob_chunk` of time steps at a time."""
     rows, prompt, new = sequence_shape(cfg)
-    b = rows / cfg.algo.minibatches / _batch_shards(mesh)
+    b = rows / (cfg.algo.minibatches * cfg.algo.grad_accumulation) / _batch_shards(mesh)
     t = prompt + new - 1
     c = jnp.dtype(mcfg.dtype).itemsize
     tp = mesh.shape["tensor"]
@@ -260,6 +261,11 @@ def plan(cfg, num_devices: int, accelerator: str | None = None, platform: str | 
         "params": params,
         "optimizer": _bytes_per_device(state.opt_state) + _bytes_per_device(state.step),
         "gradients": params,
+        # Accumulating, the micro-batches' gradients are summed into fp32 buffers laid out like the
+        # parameters, beside the micro-batch's own gradient.
+        "grad_accumulator": params * 4 / jnp.dtype(mcfg.param_dtype).itemsize
+        if cfg.algo.grad_accumulation > 1
+        else 0,
         "fsdp_transient": fsdp_transient_bytes(state.params),
         "activations": activation_bytes(cfg, mcfg, mesh, platform),
         "kv_cache": kv_cache_bytes(cfg, mcfg, mesh),
@@ -277,7 +283,8 @@ def plan(cfg, num_devices: int, accelerator: str | None = None, platform: str | 
     # finite), so a second copy of the state exists transiently.
     memory["update_transient"] = memory["params"] + memory["optimizer"]
     memory["train_peak"] = resident + sum(
-        memory[k] for k in ("gradients", "fsdp_transient", "update_transient", "activations")
+        memory[k]
+        for k in ("gradients", "grad_accumulator", "fsdp_transient", "update_transient", "activations")
     )
     memory["rollout_peak"] = resident + sum(memory[k] for k in ("rollout_copy", "decode_layers", "kv_cache"))
     memory["peak"] = max(memory["train_peak"], memory["rollout_peak"])
@@ -309,32 +316,51 @@ def _candidate_meshes(num_devices: int):
             yield {"data": 1, "fsdp": num_devices // (expert * tensor), "expert": expert, "tensor": tensor}
 
 
+def _accumulation_options(cfg, axes: dict) -> list[int]:
+    """algo.grad_accumulation values (powers of two) whose micro-batches split over the mesh's batch
+    shards."""
+    rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size // cfg.algo.minibatches
+    shards = math.prod(axes[a] for a in sharding.BATCH_AXES)
+    return [k for k in (2**i for i in range(8)) if rows % (k * shards) == 0]
+
+
 def fitting_mesh(cfg, num_devices: int, accelerator: str) -> dict:
-    """The smallest-peak mesh that fits at num_devices, else at the fewest devices (doubling) that fit."""
-    devices = num_devices
+    """A mesh and algo.grad_accumulation that fit at num_devices, else at the fewest devices (doubling)
+    that fit: the least accumulation that fits (micro-batches as large as memory allows), then the
+    smallest peak."""
+    devices, room = num_devices, USABLE * ACCELERATORS[accelerator]
     while devices <= 16384:
-        best = None
+        fits = []
         for axes in _candidate_meshes(devices):
-            trial = cfg.copy_and_resolve_references()
-            trial.mesh.update(axes)
-            try:
-                peak = plan(trial, devices, platform=_platform(accelerator))["bytes_per_device"]["peak"]
-            except ValueError:  # a dimension this mesh cannot split
-                continue
-            if best is None or peak < best[0]:
-                best = (peak, axes)
-        if best and best[0] <= USABLE * ACCELERATORS[accelerator]:
-            return {"num_devices": devices, "mesh": best[1], "peak_bytes": float(best[0])}
+            for accumulation in _accumulation_options(cfg, axes):
+                trial = cfg.copy_and_resolve_references()
+                trial.mesh.update(axes)
+                trial.algo.grad_accumulation = accumulation
+                try:
+                    peak = plan(trial, devices, platform=_platform(accelerator))["bytes_per_device"]["peak"]
+                except ValueError:  # a dimension this mesh cannot split
+                    break
+                if peak <= room:
+                    fits.append((accumulation, peak, axes))
+                    break
+        if fits:
+            accumulation, peak, axes = min(fits, key=lambda f: f[:2])
+            return {
+                "num_devices": devices,
+                "mesh": axes,
+                "grad_accumulation": accumulation,
+                "peak_bytes": float(peak),
+            }
         devices *= 2
-    return {"num_devices": None, "mesh": None, "peak_bytes": None}
+    return {"num_devices": None, "mesh": None, "grad_accumulation": None, "peak_bytes": None}
 
 
-def abstract_packing(mesh, rows: int, prompt_len: int, width: int, minibatches: int, iterations: int):
+def abstract_packing(mesh, rows: int, prompt_len: int, width: int, chunks: int, iterations: int):
     """A packing.PackedRows of ShapeDtypeStructs for `rows` sequences at the widest packing (every
     sequence a full row: the most packed rows a step can need), shard dim split like the trainer's."""
     shards = sharding.batch_divisor(mesh)
-    n = rows // (shards * minibatches)
-    lead = (iterations, minibatches, shards)
+    n = rows // (shards * chunks)
+    lead = (iterations, chunks, shards)
     spec = NamedSharding(mesh, PartitionSpec(None, None, sharding.BATCH_AXES))
     slots = jax.ShapeDtypeStruct((*lead, n, prompt_len + width - 1), jnp.int32, sharding=spec)
     return packing.PackedRows(
@@ -349,7 +375,8 @@ def abstract_packing(mesh, rows: int, prompt_len: int, width: int, minibatches: 
 
 def abstract_rollout_batch(mesh, rows: int, prompt_len: int, width: int, packed_as=None):
     """A RolloutBatch of ShapeDtypeStructs, rows split over the batch axes like the trainer's;
-    packed_as=(minibatches, iterations) adds the widest packing plan (abstract_packing)."""
+    packed_as=(chunks, iterations) adds the widest packing plan (abstract_packing; chunks: forward
+    chunks per pass, minibatches x grad_accumulation)."""
 
     def rowwise(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
@@ -377,7 +404,7 @@ def compiled_memory(cfg) -> dict[str, float]:
     optimizer = optim.make_optimizer(cfg.optim, policy.total_updates(cfg))
     settings = UpdateSettings.from_config(cfg, mcfg.router_aux_loss_coef)
     train = make_train_fn(graphdef, optimizer, settings, sharding.shardings_of(state))
-    packed_as = (settings.minibatches, settings.iterations) if cfg.algo.pack_sequences else None
+    packed_as = (settings.chunks, settings.iterations) if cfg.algo.pack_sequences else None
     batch = abstract_rollout_batch(mesh, *sequence_shape(cfg), packed_as=packed_as)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
     with sharding.use_mesh(mesh, cfg.mesh.rules.to_dict()):  # as the trainer traces it (expert parallelism)
@@ -398,7 +425,14 @@ def format_plan(p: dict) -> str:
         "per device:",
         *(
             f"  {name:<17}{gb(m[name])}"
-            for name in ("params", "optimizer", "gradients", "fsdp_transient", "update_transient")
+            for name in (
+                "params",
+                "optimizer",
+                "gradients",
+                "grad_accumulator",
+                "fsdp_transient",
+                "update_transient",
+            )
         ),
         f"  {'activations':<17}{gb(m['activations'])}",
         *(
@@ -416,7 +450,8 @@ def format_plan(p: dict) -> str:
         if not p["fits"]:
             s = p["suggestion"]
             lines.append(
-                f"  a mesh that fits: {s['mesh']} on {s['num_devices']} devices (peak {gb(s['peak_bytes'])})"
+                f"  a layout that fits: mesh {s['mesh']}, --config.algo.grad_accumulation="
+                f"{s['grad_accumulation']} on {s['num_devices']} devices (peak {gb(s['peak_bytes'])})"
                 if s["mesh"]
                 else "  no mesh up to 16384 devices fits"
             )

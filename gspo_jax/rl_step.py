@@ -38,12 +38,21 @@ def config_errors(cfg) -> list[str]:
             f"--config.algo.old_logprobs: {a.old_logprobs!r}: use trainer (one extra forward pass) "
             "or sampler (the sampler's log-probs)"
         )
-    if a.minibatches < 1 or a.iterations < 1:
-        errors.append("--config.algo.minibatches: algo.minibatches and algo.iterations must be >= 1")
+    if a.minibatches < 1 or a.iterations < 1 or a.grad_accumulation < 1:
+        errors.append(
+            "--config.algo.minibatches: algo.minibatches, algo.iterations and algo.grad_accumulation "
+            "must be >= 1"
+        )
     elif rows % a.minibatches:
         errors.append(
             f"--config.algo.minibatches: {a.minibatches} does not divide the {rows} completions of a step "
             f"(prompts_per_step x group_size); pick a divisor of {rows}"
+        )
+    elif rows % (a.minibatches * a.grad_accumulation):
+        per_update = rows // a.minibatches
+        errors.append(
+            f"--config.algo.grad_accumulation: {a.grad_accumulation} does not divide the {per_update} "
+            f"completions of a minibatch update ({rows} / algo.minibatches); pick a divisor of {per_update}"
         )
     if a.max_nonfinite_updates < 1:
         errors.append("--config.algo.max_nonfinite_updates: must be >= 1")
@@ -128,9 +137,9 @@ class RLStep:
     def _packing(self, prompt_mask_np, completion_lens, width: int, key=None) -> packing.PackedRows | None:
         """A sequence-packing plan for this host's rows, placed on the mesh, or None when
         algo.pack_sequences is off or packing would remove too little padding (packing.saves_rows).
-        With `key`: the update's (passes of shuffled minibatches); without: scoring's (one pass, the
-        minibatch-sized chunks in row order). Every process packs its own rows with one shared row
-        count."""
+        With `key`: the update's (passes of shuffled micro-batches, settings.chunks per pass); without:
+        scoring's (one pass, micro-batch-sized chunks in row order). Every process packs its own rows
+        with one shared row count."""
         if not self.cfg.algo.pack_sequences:
             return None
         # Row counts only grow per (plan, completion width): a step whose packing would fit fewer
@@ -142,7 +151,7 @@ class RLStep:
             prompt_width=prompt_mask_np.shape[1],
             completion_width=width,
             shards=sharding.batch_divisor(self.mesh) // jax.process_count(),
-            minibatches=self.settings.minibatches,
+            minibatches=self.settings.chunks,
             passes=1 if key is None else self.settings.iterations,
             rng=None if key is None else host_rng(key),
             min_rows=self._packed_rows.get(seen, 1),

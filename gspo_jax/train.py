@@ -56,6 +56,9 @@ def validate_config(cfg, num_devices: int | None = None) -> None:
     batch_sizes = {"rollout.prompts_per_step": cfg.rollout.prompts_per_step}
     if cfg.algo.minibatches >= 1 and rows % cfg.algo.minibatches == 0:
         batch_sizes["algo.minibatches"] = rows // cfg.algo.minibatches
+        chunks = cfg.algo.minibatches * cfg.algo.grad_accumulation
+        if cfg.algo.grad_accumulation > 1 and rows % chunks == 0:
+            batch_sizes["algo.grad_accumulation"] = rows // chunks
     errors += sharding.config_errors(cfg.mesh, batch_sizes, num_devices)
     if not errors:
         errors += _placement_errors(cfg)
@@ -126,7 +129,7 @@ def _config_keys(node, prefix: str = "") -> list[str]:
 
 
 def unknown_key_message(cfg, argv: list[str]) -> str | None:
-    """"unknown key --config.x; did you mean y?" for the first --config.x override `cfg` lacks."""
+    """ "unknown key --config.x; did you mean y?" for the first --config.x override `cfg` lacks."""
     known = _config_keys(cfg)
     for arg in argv:
         if not arg.startswith("--config."):

@@ -4,7 +4,9 @@ A rollout batch holds B = N*G sequences laid out as [left-padded prompt (P) | co
 (shape letters: BUILD_NOTES.md, "Shapes").
 `score` computes per-token log-probs of the completions (old policy or reference); `train` runs
 `iterations` passes of `minibatches` AdamW updates of the policy loss in one compiled lax.scan, so one
-RL step costs one dispatch per phase and no host round trip.
+RL step costs one dispatch per phase and no host round trip. With `accumulation` K > 1 each update's
+gradient is summed over K micro-batches of the minibatch (one forward + backward each), so activations
+are those of a micro-batch.
 """
 
 from __future__ import annotations
@@ -75,6 +77,12 @@ class UpdateSettings:
     routing_replay: bool = False
     routing_volatility: bool = False
     ratio_length_edges: tuple[int, ...] = ()  # upper edges of the ratio-by-length bins; () = off
+    accumulation: int = 1  # micro-batches per minibatch update, gradients summed over them
+
+    @property
+    def chunks(self) -> int:
+        """Forward chunks per pass over the batch: every micro-batch of every minibatch."""
+        return self.minibatches * self.accumulation
 
     @classmethod
     def from_config(cls, cfg, router_aux_loss_coef: float) -> UpdateSettings:
@@ -93,6 +101,7 @@ class UpdateSettings:
             iterations=cfg.algo.iterations,
             routing_replay=cfg.algo.routing_replay,
             routing_volatility=cfg.log.routing_volatility,
+            accumulation=cfg.algo.grad_accumulation,
             ratio_length_edges=(
                 diagnostics.length_bin_edges(cfg.rollout.max_new_tokens) if cfg.log.ratio_by_length else ()
             ),
@@ -105,8 +114,8 @@ def _minibatches(tree, num: int):
 
 
 def make_score_fn(graphdef, settings: UpdateSettings, with_expert_ids: bool = False) -> Callable:
-    """jit(params, tokens, valid, completion_mask, plan=None) -> log-probs [B, C], in minibatch-sized
-    chunks; with a packing plan (packing.PackedRows of one pass, its minibatches the chunks) the
+    """jit(params, tokens, valid, completion_mask, plan=None) -> log-probs [B, C], in micro-batch-sized
+    chunks (settings.chunks); with a packing plan (packing.PackedRows of one pass, its minibatches the chunks) the
     forward runs on packed rows. with_expert_ids: (log-probs, expert ids [B, L_moe, T - 1, k] the
     forward routed with), which routing replay reuses (the forward computes them anyway; unpacked)."""
 
@@ -129,7 +138,7 @@ def make_score_fn(graphdef, settings: UpdateSettings, with_expert_ids: bool = Fa
             )
             return (logp, jnp.swapaxes(stats.expert_ids, 0, 1)) if with_expert_ids else logp
 
-        out = jax.lax.map(one, _minibatches((tokens, valid), settings.minibatches))
+        out = jax.lax.map(one, _minibatches((tokens, valid), settings.chunks))
         logp, ids = out if with_expert_ids else (out, None)
         logp = logp.reshape(completion_mask.shape) * completion_mask
         if not with_expert_ids:
@@ -178,18 +187,51 @@ def _routed_ids(model, mb: RolloutBatch, rows):
     return model.forward(ids, **inputs).router_stats.expert_ids
 
 
+def _per_micro(fn, xs, micro: int):
+    """fn over the leading [K] micro-batch dim of xs, stacked ([K, ...] outputs); K = 1 runs no loop."""
+    if micro == 1:
+        return jax.tree.map(lambda x: x[None], fn(jax.tree.map(lambda x: x[0], xs)))
+    return jax.lax.map(fn, xs)
+
+
+def _rows_of_micro(x):
+    """[K, b, ...] per-micro-batch rows -> the minibatch's [b * K, ...], row-major in b: b is split over
+    the batch shards, and merged this way it stays split (K-major would gather it on every device)."""
+    return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _layers_of_micro(x):
+    """[K, L, b, ...] per-micro-batch, layer-major (expert ids) -> [L, b * K, ...]."""
+    return jax.vmap(_rows_of_micro, in_axes=1)(x)
+
+
+def micro_weights(completion_mask_kbc, aggregation) -> jax.Array:
+    """[K] each micro-batch's share of its minibatch's aggregation denominator (0 for all when the
+    minibatch has no completion token): the weights that make the summed micro-batch gradients the
+    minibatch's gradient."""
+    counts = jax.vmap(lambda m: losses.aggregation_denominator(aggregation, m))(completion_mask_kbc)
+    return counts / jnp.maximum(jnp.sum(counts), 1.0)
+
+
 def make_train_fn(
     graphdef, optimizer: optax.GradientTransformation, settings: UpdateSettings, state_shardings=None
 ) -> Callable:
     """jit(state, batch, key) -> (state, metrics [iterations, minibatches]); the state is donated.
 
+    Each update sums its gradient over settings.accumulation micro-batches, micro-batch k's policy loss
+    weighted by its share of the minibatch's aggregation denominator (micro_weights), so the sum is
+    the whole minibatch's gradient; the load-balancing loss is the micro-batches' mean (it is not
+    linear in the tokens: routing fractions are per micro-batch). Metrics are computed once on the
+    whole minibatch's log-probs.
+
     state_shardings (a TrainState of shardings, policy.train_state_shardings) pins the new state to the
     old one's layout, which GSPMD would otherwise choose per leaf: equal in and out shardings let the
     donated buffers be reused and keep step 2 from recompiling."""
+    micro = settings.accumulation
 
-    def loss_fn(params, mb: RolloutBatch, rows: packing.PackedRows | None):
-        """rows: this minibatch's packed layout ([S, ...] leaves) or None (mb's rows as they are)."""
-        model = nnx.merge(graphdef, params)
+    def forward(model, mb: RolloutBatch, rows: packing.PackedRows | None):
+        """One micro-batch's training forward: (logp [b, C], entropy [b, C], router stats or None).
+        rows: its packed layout ([S, ...] leaves) or None (mb's rows as they are)."""
         replay_ids = None
         if settings.routing_replay:
             if mb.expert_ids is None:
@@ -197,30 +239,65 @@ def make_train_fn(
                     "routing_replay needs the old policy's expert ids in RolloutBatch.expert_ids"
                 )
             replay_ids = replay_layout(mb, rows)
+        kwargs = {
+            "temperature": settings.temperature,
+            "chunk": settings.logprob_chunk,
+            "with_entropy": True,
+            "replay_expert_ids": replay_ids,
+        }
         if rows is None:
-            logp, entropy, stats = completion_logprobs(
-                model,
-                mb.tokens,
-                mb.valid,
-                mb.completion_len,
-                temperature=settings.temperature,
-                chunk=settings.logprob_chunk,
-                with_entropy=True,
-                replay_expert_ids=replay_ids,
-            )
-        else:
-            logp, entropy, stats = packed_completion_logprobs(
-                model,
-                mb.tokens,
-                rows,
-                mb.completion_len,
-                temperature=settings.temperature,
-                chunk=settings.logprob_chunk,
-                with_entropy=True,
-                replay_expert_ids=replay_ids,
-            )
-        mask = mb.completion_mask
-        loss, metrics = losses.policy_loss(
+            return completion_logprobs(model, mb.tokens, mb.valid, mb.completion_len, **kwargs)
+        return packed_completion_logprobs(model, mb.tokens, rows, mb.completion_len, **kwargs)
+
+    def micro_loss(params, mb: RolloutBatch, rows, weight):
+        """weight x the micro-batch's policy loss + its load-balancing loss / K, and what the minibatch's
+        metrics need from its forward."""
+        logp, entropy, stats = forward(nnx.merge(graphdef, params), mb, rows)
+        policy, _ = losses.policy_loss(
+            logp,
+            mb.old_logp,
+            mb.advantages,
+            mb.completion_mask,
+            level=settings.level,
+            eps_low=settings.eps_low,
+            eps_high=settings.eps_high,
+            aggregation=settings.aggregation,
+            ref_logp=mb.ref_logp if settings.beta > 0 else None,
+            beta=settings.beta,
+        )
+        aux = load_balancing_loss(stats)
+        out = {"logp": logp, "entropy": entropy, "aux": aux}
+        if stats is not None:
+            out |= {"counts": stats.expert_counts, "dropped": stats.dropped, "routed_ids": stats.expert_ids}
+        return weight * policy + settings.aux_loss_coef * aux / micro, jax.lax.stop_gradient(out)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def gradients(params, micro_mb: RolloutBatch, micro_rows):
+        """(gradient, loss, forward outputs [K, ...]) of one minibatch given as [K, ...] micro-batches."""
+        if micro == 1:
+            # the K = 1 loss is the minibatch's own: no weighting (a batch without tokens has loss 0)
+            first = jax.tree.map(lambda x: x[0], (micro_mb, micro_rows))
+            (loss, out), grads = grad_fn(params, *first, 1.0)
+            return grads, loss, jax.tree.map(lambda x: x[None], out)
+        weights = micro_weights(micro_mb.completion_mask, settings.aggregation)
+
+        def one(acc, xs):
+            (loss, out), grads = grad_fn(params, *xs)
+            return jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads), (loss, out)
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        if state_shardings is not None:  # laid out like the parameters, not left to GSPMD per leaf
+            zeros = jax.lax.with_sharding_constraint(zeros, state_shardings.params)
+        summed, (loss_k, out) = jax.lax.scan(one, zeros, (micro_mb, micro_rows, weights))
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), summed, params)
+        return grads, jnp.sum(loss_k), out
+
+    def minibatch_metrics(micro_mb: RolloutBatch, micro_rows, out) -> dict:
+        """The update's metrics over the whole minibatch, from its micro-batches' forward outputs."""
+        mb = jax.tree.map(_rows_of_micro, micro_mb)
+        logp, entropy, mask = _rows_of_micro(out["logp"]), _rows_of_micro(out["entropy"]), mb.completion_mask
+        _, metrics = losses.policy_loss(
             logp,
             mb.old_logp,
             mb.advantages,
@@ -232,41 +309,48 @@ def make_train_fn(
             ref_logp=mb.ref_logp if settings.beta > 0 else None,
             beta=settings.beta,
         )
-        aux = load_balancing_loss(stats)
         metrics = dict(metrics)
-        metrics["moe/aux_loss"] = aux
+        metrics["moe/aux_loss"] = jnp.mean(out["aux"])
         metrics["entropy"] = losses.token_mean(entropy, mask)
         metrics |= losses.logprob_gap_metrics(logp, mb.sampler_logp, mask)
         if settings.ratio_length_edges:
             metrics |= diagnostics.ratio_by_length(logp, mb.old_logp, mask, settings.ratio_length_edges)
-        routed_ids = None
-        if stats is not None:
-            counts = stats.expert_counts  # [MoE layers, E]
+        if "counts" in out:
+            counts = jnp.sum(out["counts"], axis=0)  # [MoE layers, E]
             metrics["moe/expert_load"] = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
-            metrics["moe/dropped_frac"] = jnp.sum(stats.dropped) / jnp.maximum(jnp.sum(counts), 1.0)
-            routed_ids = stats.expert_ids
-        if replay_ids is not None:
-            # What the replayed forward routed with against the old policy's choices: 0 unless the
-            # replay failed to reach a layer.
-            metrics["routing/replay_volatility"] = jnp.mean(
-                diagnostics.routing_volatility(replay_ids, routed_ids, routed_valid(mb, rows))
-            )
-        return loss + settings.aux_loss_coef * aux, (metrics, routed_ids)
+            metrics["moe/dropped_frac"] = jnp.sum(out["dropped"]) / jnp.maximum(jnp.sum(counts), 1.0)
+            if settings.routing_replay:
+                # What the replayed forward routed with against the old policy's choices: 0 unless the
+                # replay failed to reach a layer.
+                replayed = jax.vmap(replay_layout)(micro_mb, micro_rows)
+                metrics["routing/replay_volatility"] = jnp.mean(
+                    diagnostics.routing_volatility(
+                        _layers_of_micro(replayed),
+                        _layers_of_micro(out["routed_ids"]),
+                        _rows_of_micro(jax.vmap(routed_valid)(micro_mb, micro_rows)),
+                    )
+                )
+        return metrics
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    def volatility(params_before, params_after, routed_ids, micro_mb: RolloutBatch, micro_rows):
+        """Routing volatility of one update over the minibatch's tokens: the training forward's own
+        routing is the "before" one unless it was replayed; one more forward per micro-batch (two
+        with replay) without grads."""
 
-    def volatility(params_before, params_after, routed_ids, mb: RolloutBatch, rows):
-        """Routing volatility of one update over mb's tokens: the training forward's own routing is
-        the "before" one unless it was replayed; one more forward (two with replay) without grads."""
-        before = routed_ids
-        if settings.routing_replay:
-            before = _routed_ids(nnx.merge(graphdef, params_before), mb, rows)
-        after = _routed_ids(nnx.merge(graphdef, params_after), mb, rows)
-        return diagnostics.volatility_metrics(before, after, routed_valid(mb, rows))
+        def ids_of(params):
+            model = nnx.merge(graphdef, params)
+            return _per_micro(lambda xs: _routed_ids(model, *xs), (micro_mb, micro_rows), micro)
+
+        before = ids_of(params_before) if settings.routing_replay else routed_ids
+        valid = jax.vmap(routed_valid)(micro_mb, micro_rows)
+        return diagnostics.volatility_metrics(
+            _layers_of_micro(before), _layers_of_micro(ids_of(params_after)), _rows_of_micro(valid)
+        )
 
     def update(state: TrainState, xs):
-        mb, rows = xs
-        (total, (metrics, routed_ids)), grads = grad_fn(state.params, mb, rows)
+        """One optimizer update on a minibatch given as [K, ...] micro-batches (xs: batch, packing)."""
+        micro_mb, micro_rows = xs
+        grads, total, out = gradients(state.params, micro_mb, micro_rows)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -277,48 +361,54 @@ def make_train_fn(
             opt_state=keep(opt_state, state.opt_state),
             step=state.step + finite.astype(state.step.dtype),
         )
+        metrics = minibatch_metrics(micro_mb, micro_rows, out)
         metrics |= {"loss": total, "grad_norm": grad_norm, "update_skipped": (~finite).astype(jnp.float32)}
-        if settings.routing_volatility and routed_ids is not None:
-            metrics |= volatility(state.params, new_state.params, routed_ids, mb, rows)
+        if settings.routing_volatility and "routed_ids" in out:
+            metrics |= volatility(state.params, new_state.params, out["routed_ids"], micro_mb, micro_rows)
         return new_state, metrics
 
-    def rows_split(minibatches: RolloutBatch) -> RolloutBatch:
-        """Keeps each minibatch's rows split over the batch axes: GSPMD would otherwise replicate the
-        shuffled (gathered) batch, and every device would run the whole minibatch."""
+    def rows_split(minibatches):
+        """Keeps each micro-batch's rows ([M, K, rows, ...] leaves) split over the batch axes: GSPMD
+        would otherwise replicate the shuffled (gathered) batch, and every device would run the whole
+        minibatch."""
         if state_shardings is None:
             return minibatches
         mesh = jax.tree.leaves(state_shardings)[0].mesh
         return jax.tree.map(
             lambda x: jax.lax.with_sharding_constraint(
-                x, NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 2))))
+                x, NamedSharding(mesh, PartitionSpec(None, None, BATCH_AXES, *([None] * (x.ndim - 3))))
             ),
             minibatches,
         )
 
+    def by_update(tree):
+        """[M * K, ...] forward chunks -> [M, K, ...]: each minibatch update's micro-batches."""
+        return jax.tree.map(lambda x: x.reshape(settings.minibatches, micro, *x.shape[1:]), tree)
+
     def train(state: TrainState, batch: RolloutBatch, key):
         plan, sequences = batch.packing, dataclasses.replace(batch, packing=None)
         if plan is not None:
-            if plan.sequences.shape[:2] != (settings.iterations, settings.minibatches):
+            if plan.sequences.shape[:2] != (settings.iterations, settings.chunks):
                 raise ValueError(
-                    f"the packing plan has {plan.sequences.shape[:2]} (passes, minibatches); the update "
-                    f"runs {(settings.iterations, settings.minibatches)}"
+                    f"the packing plan has {plan.sequences.shape[:2]} (passes, micro-batches per pass); the "
+                    f"update runs {(settings.iterations, settings.chunks)} (algo.iterations, "
+                    "algo.minibatches x algo.grad_accumulation): plan with minibatches=settings.chunks"
                 )
 
             def packed_pass(state, pass_plan):
-                # [M, S * n, ...]: each minibatch's sequences, gathered inside their batch shards
-                minibatches = jax.vmap(
+                # [M * K, S * n, ...]: each micro-batch's sequences, gathered inside their batch shards
+                chunks = jax.vmap(
                     lambda seq: jax.tree.map(lambda x: packing.gather_sequences(x, seq), sequences)
                 )(pass_plan.sequences)
-                return jax.lax.scan(update, state, rows_split((minibatches, pass_plan)))
+                return jax.lax.scan(update, state, rows_split(by_update((chunks, pass_plan))))
 
             return jax.lax.scan(packed_pass, state, plan)
 
         def one_pass(state, pass_key):
             order = jax.random.permutation(pass_key, batch.tokens.shape[0])
             shuffled = jax.tree.map(lambda x: x[order], sequences)
-            return jax.lax.scan(
-                update, state, (rows_split(_minibatches(shuffled, settings.minibatches)), None)
-            )
+            chunks = by_update(_minibatches(shuffled, settings.chunks))
+            return jax.lax.scan(update, state, (rows_split(chunks), None))
 
         return jax.lax.scan(one_pass, state, jax.random.split(key, settings.iterations))
 

@@ -173,6 +173,15 @@ def collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]], str]]:
 def compiled_train_step(mesh, model_cfg=MODEL, rows=16, prompt=6, new=4, packed=False):
     """Optimised HLO of update.make_train_fn's step for `rows` sequences, traced under the mesh
     (packed: with the widest sequence-packing plan)."""
+    return compile_train_step(mesh, model_cfg, rows, prompt, new, packed).as_text()
+
+
+def compile_train_step(
+    mesh, model_cfg=MODEL, rows=16, prompt=6, new=4, packed=False, accumulation=1, pin_state=False
+):
+    """update.make_train_fn's step compiled for `rows` sequences in 2 minibatches, each accumulated over
+    `accumulation` micro-batches, traced under the mesh (packed: with the widest sequence-packing
+    plan; pin_state: the new state's shardings pinned to the old one's, as the trainer does)."""
     graphdef, abstract = abstract_model(model_cfg)
     param_sh = sharding.param_shardings(abstract, mesh)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, param_sh)
@@ -187,7 +196,9 @@ def compiled_train_step(mesh, model_cfg=MODEL, rows=16, prompt=6, new=4, packed=
     )
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
 
-    batch = plan.abstract_rollout_batch(mesh, rows, prompt, new, packed_as=(2, 1) if packed else None)
+    batch = plan.abstract_rollout_batch(
+        mesh, rows, prompt, new, packed_as=(2 * accumulation, 1) if packed else None
+    )
     settings = UpdateSettings(
         level="sequence",
         eps_low=3e-4,
@@ -199,11 +210,14 @@ def compiled_train_step(mesh, model_cfg=MODEL, rows=16, prompt=6, new=4, packed=
         logprob_chunk=4,
         minibatches=2,
         iterations=1,
+        accumulation=accumulation,
     )
     key = jax.eval_shape(lambda: jax.random.key(0))
+    state = TrainState(params, opt_state, step)
+    state_shardings = jax.tree.map(lambda a: a.sharding, state) if pin_state else None
     with sharding.use_mesh(mesh):
-        train = make_train_fn(graphdef, optimizer, settings)
-        return train.lower(TrainState(params, opt_state, step), batch, key).compile().as_text()
+        train = make_train_fn(graphdef, optimizer, settings, state_shardings)
+        return train.lower(state, batch, key).compile()
 
 
 @pytest.mark.parametrize("mesh_sizes", [{"fsdp": 2, "expert": 4}, {"data": 2, "expert": 4}])

@@ -273,10 +273,10 @@ def test_a_plan_that_removes_little_padding_is_not_worth_packing():
     assert half.rows == 4 and packing.saves_rows(half)
 
 
-def _one_rl_step(pack: bool):
-    """One RLStep of the micro config on two batch shards (old-policy and reference scoring on), from
-    the same parameters, prompts and key: (new params, metrics, packed row counts it compiled for,
-    completion lengths)."""
+def _one_rl_step(pack: bool, **overrides):
+    """One RLStep of the micro config (plus dotted-key `overrides`) on two batch shards (old-policy and
+    reference scoring on), from the same parameters, prompts and key: (new params, metrics, packed row
+    counts it compiled for, completion lengths)."""
     import micro_config
 
     from gspo_jax import sharding
@@ -289,7 +289,7 @@ def _one_rl_step(pack: bool):
 
     cfg = micro_config.override(
         micro_config.get_config(),
-        **{"mesh.num_devices": 2, "mesh.data": 2, "algo.minibatches": 1, "algo.beta": 0.1},
+        **{"mesh.num_devices": 2, "mesh.data": 2, "algo.minibatches": 1, "algo.beta": 0.1, **overrides},
     )
     cfg.algo.pack_sequences = pack
     cfg.rollout.max_new_tokens = 12
@@ -339,7 +339,7 @@ def test_packed_update_runs_every_pass_and_checks_the_plan_shape():
     assert metrics["loss"].shape == (2, 2) and np.all(np.isfinite(np.asarray(metrics["loss"])))
     assert int(state.step) == 4
     one_pass = packing.plan_packing(prompt_lens, completion_lens, passes=1, rng=None, **shape)
-    with pytest.raises(ValueError, match="passes, minibatches"):
+    with pytest.raises(ValueError, match="passes, micro-batches"):
         train(
             state, dataclasses.replace(batch, packing=jax.tree.map(jnp.asarray, one_pass)), jax.random.key(1)
         )

@@ -90,10 +90,18 @@ def wide_preset():
     del model_config.PRESETS["wide"]
 
 
-@pytest.mark.parametrize("mesh", [{"mesh.fsdp": 2, "mesh.expert": 4}, {"mesh.fsdp": 8}])
+@pytest.mark.parametrize(
+    "mesh",
+    [
+        {"mesh.fsdp": 2, "mesh.expert": 4},
+        {"mesh.fsdp": 8},
+        {"mesh.fsdp": 2, "mesh.expert": 4, "algo.minibatches": 1, "algo.grad_accumulation": 2},
+    ],
+)
 def test_prediction_beside_xla_memory_analysis(wide_preset, mesh):
-    """Explicit expert parallelism (its all-to-all buffers) and FSDP (gathered weights, full-size
-    gradients before the reduce-scatter); ragged is the accelerator path, compiled here on CPU."""
+    """Explicit expert parallelism (its all-to-all buffers), FSDP (gathered weights, full-size
+    gradients before the reduce-scatter) and gradient accumulation (a micro-batch's activations, an
+    fp32 accumulator); ragged is the accelerator path, compiled here on CPU."""
     cfg = micro.override(
         micro.get_config(),
         **{"mesh.num_devices": 8, "mesh.data": 1, "mesh.fsdp": 1, "mesh.expert": 1, **mesh},
@@ -141,3 +149,28 @@ def test_cli_prints_and_writes_json(tmp_path):
     assert result["mesh"] == {"data": 4, "fsdp": 1, "expert": 2, "tensor": 1}
     layer = 128 * (4 + 2 + 2 + 4) * 32 + 2 * 128 + 2 * 32 + 128 * 8 + 3 * 8 * 128 * 128
     assert result["fits"] is True and result["params_total"] == 2 * layer + 2 * 64 * 128 + 128  # tiny
+
+
+def test_a_plan_that_does_not_fit_suggests_the_least_accumulation_that_does():
+    """30B on 64 v6e chips (32 GiB) does not fit with whole-minibatch updates; the suggestion keeps the
+    64 chips, accumulates gradients, fits when planned, and no mesh fits with half its accumulation."""
+    cfg = get_config("qwen3_30b_a3b")
+    p = plan.plan(cfg, 64, "tpu-v6e")
+    assert not p["fits"]
+    s = p["suggestion"]
+    assert s["num_devices"] == 64 and s["grad_accumulation"] > 1
+    assert "--config.algo.grad_accumulation=" in plan.format_plan(p)
+
+    def planned(axes, accumulation):
+        trial = cfg.copy_and_resolve_references()
+        trial.mesh.update(axes)
+        trial.algo.grad_accumulation = accumulation
+        return plan.plan(trial, 64, "tpu-v6e")
+
+    suggested = planned(s["mesh"], s["grad_accumulation"])
+    assert suggested["fits"] and suggested["bytes_per_device"]["peak"] == s["peak_bytes"]
+    for axes in plan._candidate_meshes(64):
+        try:
+            assert not planned(axes, s["grad_accumulation"] // 2)["fits"], axes
+        except ValueError:  # a mesh that cannot split the model
+            continue
