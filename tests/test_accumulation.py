@@ -256,11 +256,10 @@ def test_rl_step_with_accumulation_equals_one_update():
     """A whole RLStep on two batch shards with packing, old-policy and reference scoring: the update
     accumulated over 2 micro-batches gives the parameters and metrics of the plain one (load-balancing
     loss off: it is a per-micro-batch mean)."""
-    from test_packing import _one_rl_step
+    from test_packing import NO_AUX, _one_rl_step
 
-    off = {"model.aux_loss_coef": 0.0}
-    params, metrics, rows, lengths = _one_rl_step(True, **off, **{"algo.grad_accumulation": 2})
-    ref_params, ref_metrics, ref_rows, ref_lengths = _one_rl_step(True, **off)
+    params, metrics, rows, lengths = _one_rl_step(True, **NO_AUX, **{"algo.grad_accumulation": 2})
+    ref_params, ref_metrics, ref_rows, ref_lengths = _one_rl_step(True, **NO_AUX)  # cached: test_packing
     np.testing.assert_array_equal(lengths, ref_lengths)
     assert rows and ref_rows  # both packed their update and scoring
     for key in ("loss", "entropy", "kl_ref", "clip_frac/seq", "logprob_gap/token_abs", "grad_norm"):
