@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import micro_config as micro
-from gspo_jax import checkpoint, sharding, update
+from gspo_jax import checkpoint, minibatch, sharding
 from gspo_jax.policy import abstract_train_state
 from gspo_jax.trainer import Trainer, TrainingStopped
 from test_checkpoint import _corrupt, _tree_files
@@ -158,13 +158,13 @@ def _reshaped_policy(cfg, mesh):
 
 
 def test_non_finite_updates_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
-    real_loss = update.losses.policy_loss
+    real_loss = minibatch.losses.policy_loss
 
     def poisoned(*args, **kwargs):
         loss, metrics = real_loss(*args, **kwargs)
         return loss * jnp.nan, metrics
 
-    monkeypatch.setattr(update.losses, "policy_loss", poisoned)
+    monkeypatch.setattr(minibatch.losses, "policy_loss", poisoned)
     cfg = micro.override(
         micro.get_config(),
         workdir=str(tmp_path / "nan"),
