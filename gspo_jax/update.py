@@ -114,8 +114,8 @@ def _minibatches(tree, num: int):
 
 def make_score_fn(graphdef, settings: UpdateSettings, with_expert_ids: bool = False) -> Callable:
     """jit(params, tokens, valid, completion_mask, plan=None) -> log-probs [B, C], in micro-batch-sized
-    chunks (settings.chunks); with a packing plan (packing.PackedRows of one pass, its minibatches the chunks) the
-    forward runs on packed rows. with_expert_ids: (log-probs, expert ids [B, L_moe, T - 1, k] the
+    chunks (settings.chunks); with a packing plan (packing.PackedRows of one pass, one entry per chunk)
+    the forward runs on packed rows. with_expert_ids: (log-probs, expert ids [B, L_moe, T - 1, k] the
     forward routed with), which routing replay reuses (the forward computes them anyway; unpacked)."""
 
     def score(params, tokens, valid, completion_mask, plan=None):
