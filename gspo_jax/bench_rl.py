@@ -376,7 +376,8 @@ def _columns(names: str) -> list[tuple[str, str]]:
 
 COLUMNS = {
     "rl_step": _columns(
-        "shape setting dtype packed grad_accumulation rl_step_s rollout_s reward_s old_policy_s update_s gen_tokens_per_s "
+        "shape setting dtype packed grad_accumulation rl_step_s rollout_s reward_s old_policy_s update_s "
+        "gen_tokens_per_s "
         "update_tokens_per_s update_mfu peak_rss_gb first_step_s compiling_steps error"
     ),
     "sweep": _columns(
