@@ -16,6 +16,7 @@ from test_routing_replay import CFG  # MoE, dense, MoE layers: two scanned MoE r
 
 import gspo_jax
 from gspo_jax import packing
+from gspo_jax.models import layers
 from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
 from gspo_jax.update import RolloutBatch, TrainState, UpdateSettings, make_score_fn, make_train_fn
 
@@ -99,7 +100,10 @@ def test_rows_only_grow_when_asked_and_hosts_agree():
         packing.plan_packing([1] * 6, [1] * 6, rng=np.random.default_rng(0), **{**lens, "minibatches": 4})
 
 
-def test_packed_forward_matches_transformers_on_each_sequence(tmp_path):
+@pytest.mark.parametrize("flash", [False, True])
+def test_packed_forward_matches_transformers_on_each_sequence(tmp_path, monkeypatch, flash):
+    if flash:  # rows this narrow take the masked chunked path unless the flash threshold is lowered
+        monkeypatch.setattr(layers, "PACKED_FLASH_MIN_COLUMNS", 0)
     hf = build_hf_model("qwen3")
     model = gspo_jax.from_pretrained(save_hf_model(hf, tmp_path / "m"), attention_chunk=4)
     rng = np.random.default_rng(3)
@@ -127,6 +131,62 @@ def test_packed_forward_matches_transformers_on_each_sequence(tmp_path):
         expected = hf_logits(hf, seq[None])[0]
         np.testing.assert_allclose(logits[start : start + len(seq)], expected, atol=1e-4, rtol=0)
         start += len(seq)
+
+
+def _dense_packed_attention(q, k, v, pos, valid, seg, window):
+    """Masked softmax over every key at once (no chunks), in plain jnp: the reference."""
+    _, _, heads, d = q.shape
+    g = heads // k.shape[2]
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    visible = valid[:, None, :] & (pos[:, None, :] <= pos[:, :, None]) & (seg[:, None, :] == seg[:, :, None])
+    if window:
+        visible &= (pos[:, :, None] - pos[:, None, :]) < window
+    scores = jnp.where(visible[:, None], jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(d), -jnp.inf)
+    weights = jnp.where(visible[:, None], jax.nn.softmax(scores, axis=-1), 0.0)
+    return jnp.einsum("bhts,bshd->bthd", weights, v)
+
+
+def _packed_layout(lengths, width):
+    pos, seg = np.zeros((1, width), np.int32), np.zeros((1, width), np.int32)
+    start = 0
+    for i, n in enumerate(lengths):
+        pos[0, start : start + n], seg[0, start : start + n] = np.arange(n), i + 1
+        start += n
+    return jnp.asarray(pos), jnp.asarray(seg > 0), jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_packed_flash_attention_value_and_gradients_match_dense_softmax(window):
+    """The flash path over packed rows (chunks of 4, a segment longer than a chunk, padding at the
+    end) against one masked softmax over all keys: outputs at valid queries and the gradients of
+    q, k and v. A key chunk that no query chunk shares a segment with is never read: NaN values
+    there leave every other query finite, which the masked chunked path would not."""
+    rng = np.random.default_rng(0)
+    lengths, width, chunk = (7, 3, 9, 2, 6), 30, 4
+    pos, valid, seg = _packed_layout(lengths, width)
+    q = jnp.asarray(rng.normal(size=(1, width, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(1, width, 2, 8)), jnp.float32) for _ in range(2))
+    flash = layers._packed_flash_attention(window, chunk)
+    mask = valid[..., None, None]
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.where(mask, fn(q, k, v), 0.0) ** 2)
+
+    ours = loss(lambda q, k, v: flash(q, k, v, pos, valid, seg))
+    reference = loss(lambda q, k, v: _dense_packed_attention(q, k, v, pos, valid, seg, window))
+    got = np.where(mask, flash(q, k, v, pos, valid, seg), 0.0)
+    expected = np.where(mask, _dense_packed_attention(q, k, v, pos, valid, seg, window), 0.0)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    for ours_grad, expected_grad in zip(
+        jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(reference, (0, 1, 2))(q, k, v), strict=True
+    ):
+        np.testing.assert_allclose(ours_grad, expected_grad, atol=1e-4, rtol=1e-4)
+
+    # Columns 20-23 hold only the fourth sequence's keys (columns 19-20) and the fifth's (21-26):
+    # queries of columns 0-15 (sequences 1-3) never need that key chunk.
+    poisoned = v.at[:, 20:24].set(jnp.nan)
+    out = np.asarray(flash(q, k, poisoned, pos, valid, seg))
+    assert np.isfinite(out[:, :16]).all() and np.isnan(out[:, 21:24]).any()
 
 
 def _rollout(rows=8, prompt=5, completion=6, seed=0):
