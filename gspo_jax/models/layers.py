@@ -197,6 +197,8 @@ def causal_self_attention(
     which skips about half the [T, T] scores. Each chunk runs under
     jax.checkpoint, so the backward pass recomputes one chunk's scores and probabilities instead of
     keeping all of them: memory O(T * chunk) instead of O(T^2). chunk 0 or >= T: one plain call.
+    Packed rows of PACKED_FLASH_MIN_COLUMNS or more on CPU take _packed_flash_attention, which also
+    skips the key chunks outside each query chunk's segments.
     """
     t = q_bthd.shape[1]
     if not chunk or t <= chunk:
