@@ -15,7 +15,7 @@ from scipy import stats
 
 import gspo_jax
 from gspo_jax.logprobs import completion_logprobs
-from gspo_jax.models import dispatch, layers, tiled
+from gspo_jax.models import attention, dispatch, tiled
 from gspo_jax.models.config import ModelConfig
 from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
 from gspo_jax.sampler import SampleOutput, Sampler, sample_next
@@ -246,7 +246,7 @@ def test_one_token_attention_matches_numpy_softmax():
         cached_mask = rng.uniform(size=(b, s)) < 0.6
         cached_mask[0], cached_mask[2, 0] = False, True
         new_valid = np.array([True, True, False])
-        got = layers.one_token_attention(
+        got = attention.one_token_attention(
             *map(jnp.asarray, (q, new_k, new_v, cached_k, cached_v, cached_mask, new_valid))
         )
         keys = np.concatenate([cached_k, new_k[:, None]], axis=1)
