@@ -6,7 +6,7 @@ a completion-length x group-size sweep.
   python -m gspo_jax.bench --what=sweep [--sweep_lengths=128,512,2048] [--sweep_groups=2,4,8] [--steps=2]
 
 `rl_step` builds a random Qwen3-MoE of the shape (SHAPES: 4 heads x 64, 2 KV heads, top-2 experts,
-vocab 64 = the built-in char tokenizer) and runs real steps on sort-digit prompts (~14 tokens, bucket
+vocab 64 = the built-in char tokenizer) and runs real steps on 13-digit sort prompts (14 tokens, bucket
 16) with the partial-credit reward, once per update setting (--rl_settings): `sampler1` = one update
 per rollout on the sampler's log-probs (algo.minibatches=1, old_logprobs=sampler; the setting the
 peers were measured at) and `trainer4` = the default 4 minibatch updates with an extra old-policy
@@ -42,6 +42,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import flags
 from flax import nnx
@@ -57,7 +58,8 @@ SHAPES = {
     ),
 }
 RL_SETTINGS = {"sampler1": (1, "sampler"), "trainer4": (4, "trainer")}
-PROMPT_BUCKET = 16  # sort-digit prompts are ~14 tokens; the data buckets pad them to 16
+PROMPT_DIGITS = 13  # sort prompts of 13 digits + "=": 14 tokens, the prompt length
+PROMPT_BUCKET = 16  # the data buckets pad them to 16
 
 
 def define_flags() -> None:
@@ -114,6 +116,7 @@ def run_config(shape: dict, setting: str, steps: int):
     cfg.algo.minibatches = minibatches
     cfg.algo.old_logprobs = old_logprobs
     cfg.data.train_size = max(256, shape["prompts"] * (steps + 1))
+    cfg.data.task_kwargs = ml_collections.ConfigDict({"num_digits": PROMPT_DIGITS})
     cfg.eval.every = 0
     cfg.warmstart.steps = 0
     cfg.mesh.num_devices = 1

@@ -46,6 +46,18 @@ def test_packing_setting_reaches_the_config():
     assert not bench_rl.run_config(shape, "trainer4", steps=1).algo.pack_sequences
 
 
+def test_bench_prompts_have_the_issue_length():
+    """The peers ran sort prompts of ~14 tokens; the tiny preset's default (5 digits) is 6."""
+    from gspo_jax.data import make_prompt_dataset
+    from gspo_jax.tokenizer import load_tokenizer
+
+    cfg = bench_rl.run_config(bench_rl.SHAPES["small"], "sampler1", steps=1)
+    batch = next(make_prompt_dataset(cfg.data, load_tokenizer(None), prompts_per_step=8, seed=0))
+    assert batch.prompt_ids.shape == (8, bench_rl.PROMPT_BUCKET)
+    assert list(np.sum(batch.prompt_mask, axis=1)) == [14] * 8
+    assert all(len(answer) == 13 for answer in batch.fields["answer"])
+
+
 def test_bf16_setting_reaches_the_model_and_the_rollout_copy():
     shape = bench_rl.SHAPES["small"] | {"dtype": "bfloat16"}
     cfg = bench_rl.run_config(shape, "sampler1", steps=1)
