@@ -47,7 +47,7 @@ def _cli(workdir, steps, extra=()):
 
 
 def _env():
-    return os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    return os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu"}
 
 
 def _metrics(workdir):

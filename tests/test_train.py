@@ -172,7 +172,7 @@ def test_cli_fails_fast_on_invalid_config(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env=os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+        env=os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"},
     )
     assert proc.returncode != 0
     assert "--config.rollout.group_size" in proc.stderr and "--config.optim.lr" in proc.stderr
