@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # configs/
 from gspo_jax import bench_rl
 from gspo_jax.data import make_prompt_dataset
 from gspo_jax.tokenizer import load_tokenizer
