@@ -45,7 +45,8 @@ def capacity_dispatch(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_
     t, k = ids_tk.shape
     capacity = expert_capacity(t, k, gate_edi.shape[0], capacity_factor)
     experts = _cast(x_td, gate_edi, up_edi, down_eid)
-    return experts_in_buffers(x_td, ids_tk, weights_tk, valid_t, *experts, capacity)
+    y, dropped_tk = experts_in_buffers(x_td, ids_tk, weights_tk, valid_t, *experts, capacity)
+    return y, jnp.sum(dropped_tk).astype(jnp.float32)
 
 
 def ragged_dispatch(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, *, capacity_factor):

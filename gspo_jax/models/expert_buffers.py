@@ -32,11 +32,32 @@ def swiglu_experts(x_ecd, gate_edi, up_edi, down_eid):
     return einsum("eci,eid->ecd", h, down_eid)
 
 
-def experts_in_buffers(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down_eid, capacity: int):
-    """y [T, D] through buffers of `capacity` slots per expert, and the number of dropped real
-    assignments. First choices claim slots before second choices; padding tokens take none."""
+def swiglu_experts_out_in(x_ecd, gate_eid, up_eid, down_edi):
+    """`swiglu_experts` from weights stored [E, out, in] (each expert's matrices transposed, as HF
+    stores them), as products W @ x^T on activations laid out [E, features, C]; forward only.
+
+    XLA:CPU runs a batched product with few rows per expert much faster this way round: 8 layers of
+    16 experts, D = I = 512, 16 rows each, measured 61 vs 115 ms per decode step (2-core EPYC). The
+    barriers keep both activation transposes as real copies: XLA folds a transpose into the product
+    that reads or writes it, which brings back the slow form.
+    """
+    x_edc = jax.lax.optimization_barrier(jnp.swapaxes(x_ecd, 1, 2))
+    h_eic = jax.nn.silu(einsum("eid,edc->eic", gate_eid, x_edc)) * einsum("eid,edc->eic", up_eid, x_edc)
+    y_edc = jax.lax.optimization_barrier(einsum("edi,eic->edc", down_edi, h_eic))
+    return jnp.swapaxes(y_edc, 1, 2)
+
+
+def experts_in_buffers(
+    x_td, ids_tk, weights_tk, valid_t, gate_w, up_w, down_w, capacity: int, weights_out_in: bool = False
+):
+    """y [T, D] through buffers of `capacity` slots per expert, and dropped_tk [T, k]: the real
+    assignments that found no slot (not in y). First choices claim slots before second choices;
+    padding tokens take none.
+
+    The expert weights are [E, D, I], [E, D, I], [E, I, D], or with `weights_out_in` each expert's
+    matrices transposed: [E, I, D], [E, I, D], [E, D, I] (forward only, `swiglu_experts_out_in`)."""
     t, k = ids_tk.shape
-    num_experts = gate_edi.shape[0]
+    num_experts = gate_w.shape[0]
     ids_a = ids_tk.T.reshape(-1)  # assignment a = j * T + t: choice-major order gives top-1 priority
     valid_a = jnp.tile(valid_t, k)
     slot_in_expert_a = rank_in_group(ids_a, num_experts, valid_a)
@@ -46,7 +67,8 @@ def experts_in_buffers(x_td, ids_tk, weights_tk, valid_t, gate_edi, up_edi, down
     # zeros "like" the rows: under shard_map the buffers then vary over the rows' mesh axes
     rows = jnp.zeros_like(x_a, shape=(num_experts * capacity, x_td.shape[1]))
     buffers = rows.at[slot_a].set(x_a, mode="drop")
-    y_buf = swiglu_experts(buffers.reshape(num_experts, capacity, -1), gate_edi, up_edi, down_eid)
+    experts = swiglu_experts_out_in if weights_out_in else swiglu_experts
+    y_buf = experts(buffers.reshape(num_experts, capacity, -1), gate_w, up_w, down_w)
     y_a = y_buf.reshape(num_experts * capacity, -1).at[slot_a].get(mode="fill", fill_value=0)
     y = jnp.einsum("ktd,tk->td", y_a.reshape(k, t, -1), weights_tk.astype(x_td.dtype))
-    return y, jnp.sum(valid_a & ~kept_a).astype(jnp.float32)
+    return y, (valid_a & ~kept_a).reshape(k, t).T
