@@ -4,11 +4,13 @@ experts x tokens.
 
 Forward-only calls (decode, prefill, scoring) run `_tiled_forward`: assignments sorted by expert,
 each chosen expert's weights sliced once, its rows in tiles of `tile_rows`; with few rows per expert
-(decode) `_batched_forward` instead fills padded per-expert buffers of about twice the mean rows, runs
-one batched product per projection, reading every expert's weights in place, and sends what
-overflows a busy expert's buffer through the tile loop. Under differentiation a custom VJP runs a padded layout (`tile_layout`:
-each expert's run padded to whole tiles of `training_tile_rows`, so every tile has one expert); the
-forward keeps each row's gate and up pre-activations and the backward does six matmuls per tile.
+(decode) `_batched_forward` instead fills padded per-expert buffers of about twice the mean rows,
+runs one batched product per projection, reading every expert's weights in place, and sends what
+overflows a busy expert's buffer through the tile loop.
+
+Under differentiation a custom VJP runs a padded layout (`tile_layout`: each expert's run padded to
+whole tiles of `training_tile_rows`, so every tile has one expert); the forward keeps each row's gate
+and up pre-activations and the backward does six matmuls per tile.
 """
 
 from __future__ import annotations
