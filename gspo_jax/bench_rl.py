@@ -24,6 +24,12 @@ weights) per layer; 2 x the LM head only at completion tokens (the only position
 used); causal attention 2 x 2 x heads x head_dim x (i + 1) for the token at position i (QK^T and AV).
 Padding, the dispatch's dropless buffers and anything recomputed are not useful work.
 
+`floor_s` is what the step cannot go below on this machine (`step_floor_s`): the update's useful FLOPs,
+the old-policy forward's (trainer4) and the rollout's (one forward over the same tokens) at the matmul
+peak, the rollout taken at least as long as its decode steps' weight reads at the memory bandwidth
+measured in the same process (`memory_gbps`: a jitted sum over 256 MB, best of 5). A step faster than
+`floor_s` would have to beat this machine's measured matmul peak or bandwidth on the same work.
+
 `dispatch` times forward + backward of one MoE block (router + experts) per strategy on the tokens of
 one update at the shape (medium: 16 x 4 rows of 16 + 128 = 9216 tokens), best of --rounds after the
 compiling call (dense and dropless capacity do E/k = 8x the routed work there: ~8 s per call on 2 cores,
@@ -141,8 +147,8 @@ def matmul_peak_gflops(n: int = 2048, rounds: int = 3, dtype: str = "float32") -
     return 2 * n**3 / best / 1e9
 
 
-def update_flops(mcfg, prompt_lens_b, completion_lens_b) -> float:
-    """Useful FLOPs of one forward + backward over rows of prompt/completion lengths (module docstring)."""
+def forward_flops(mcfg, prompt_lens_b, completion_lens_b) -> float:
+    """Useful FLOPs of one forward over rows of prompt/completion lengths (module docstring)."""
     d, heads, kv, hd = mcfg.hidden_size, mcfg.num_attention_heads, mcfg.num_key_value_heads, mcfg.head_dim
     per_layer = d * heads * hd * 2 + d * kv * hd * 2 + d * mcfg.num_experts
     per_layer += mcfg.num_experts_per_tok * 3 * d * mcfg.moe_intermediate_size
@@ -152,7 +158,57 @@ def update_flops(mcfg, prompt_lens_b, completion_lens_b) -> float:
     forward += 2 * d * mcfg.vocab_size * np.sum(completion_lens_b)
     # sum over positions i < S of (i + 1) = S (S + 1) / 2, times 2 matmuls x 2 FLOPs x heads x head_dim.
     forward += mcfg.num_hidden_layers * 4 * heads * hd * np.sum(seq * (seq + 1) / 2)
-    return 3 * float(forward)
+    return float(forward)
+
+
+def update_flops(mcfg, prompt_lens_b, completion_lens_b) -> float:
+    """Useful FLOPs of one forward + backward: 3 forwards."""
+    return 3 * forward_flops(mcfg, prompt_lens_b, completion_lens_b)
+
+
+def decode_read_bytes(mcfg, rows: int) -> float:
+    """Weight bytes one decode step of `rows` rows reads at least: per layer q, k, v, o, the router and
+    the experts its rows choose (the expected number under uniform routing, E (1 - (1 - k/E)^rows)),
+    plus the LM head; fp32 unless model.dtype is bf16 (the rollout copy then is too)."""
+    d, heads, kv, hd = mcfg.hidden_size, mcfg.num_attention_heads, mcfg.num_key_value_heads, mcfg.head_dim
+    experts, k = mcfg.num_experts, mcfg.num_experts_per_tok
+    chosen = experts * (1 - (1 - k / experts) ** rows)
+    per_layer = (
+        d * heads * hd * 2 + d * kv * hd * 2 + d * experts + chosen * 3 * d * mcfg.moe_intermediate_size
+    )
+    weights = per_layer * mcfg.num_hidden_layers + d * mcfg.vocab_size
+    return float(weights * jnp.dtype(mcfg.dtype).itemsize)
+
+
+def step_floor_s(
+    mcfg, prompt_lens_b, completion_lens_b, old_policy_pass: bool, peak_gflops: float, memory_gbps: float
+) -> dict:
+    """Lower bounds on one RL step's parts on this machine: useful FLOPs at the matmul peak, and for
+    the rollout also every decode step's weight reads at the measured bandwidth (the larger bound).
+    The rollout does one forward over the same tokens as the update; decode steps: the longest
+    completion (the last generated token is never fed back)."""
+    forward = forward_flops(mcfg, prompt_lens_b, completion_lens_b) / (peak_gflops * 1e9)
+    decode_steps = max(0, int(np.max(completion_lens_b)) - 1)
+    weight_reads = decode_steps * decode_read_bytes(mcfg, len(completion_lens_b)) / (memory_gbps * 1e9)
+    parts = {
+        "rollout_floor_s": max(forward, weight_reads),
+        "old_policy_floor_s": forward if old_policy_pass else 0.0,
+        "update_floor_s": 3 * forward,
+    }
+    return parts | {"floor_s": sum(parts.values())}
+
+
+def memory_bandwidth_gbps(megabytes: int = 256, rounds: int = 5) -> float:
+    """GB/s of a jitted fp32 sum over `megabytes` (read once), best of `rounds`."""
+    x = jnp.ones(megabytes * 2**20 // 4, jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        total(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return x.nbytes / best / 1e9
 
 
 class _Timed:
@@ -181,6 +237,7 @@ def measure_rl_step(shape_name: str, setting: str, steps: int) -> dict:
     shape = SHAPES[shape_name]
     cfg = run_config(shape, setting, steps)
     peak = matmul_peak_gflops(dtype=cfg.model.dtype)
+    bandwidth = memory_bandwidth_gbps()
     mesh = sharding.make_mesh(cfg.mesh)
     mcfg = model_config(shape)
     graphdef, abstract = abstract_model(mcfg)
@@ -192,6 +249,7 @@ def measure_rl_step(shape_name: str, setting: str, steps: int) -> dict:
         cfg, policy, mesh, tokenizer, RewardSet.from_reward_config(cfg.reward), eos_token_ids(tokenizer)
     )
     rl.score_fn = _Timed(rl.score_fn)
+    old_policy_pass = cfg.algo.old_logprobs == "trainer"
     state = init_train_state(rl.optimizer, policy.params)
     compiles = []  # one entry per XLA compilation in this process
     count_compiles = lambda name, secs, **_: (
@@ -218,6 +276,7 @@ def measure_rl_step(shape_name: str, setting: str, steps: int) -> dict:
                 "generated": float(result.scored.lengths.sum()),
                 "update_tokens": float(prompt_lens.sum() + result.scored.lengths.sum()),
                 "update_flops": update_flops(mcfg, prompt_lens, result.scored.lengths),
+                **step_floor_s(mcfg, prompt_lens, result.scored.lengths, old_policy_pass, peak, bandwidth),
                 "compiled": len(compiles) > compiles_before,
             }
         )
@@ -253,6 +312,7 @@ def measure_rl_step(shape_name: str, setting: str, steps: int) -> dict:
         "update_gflops_per_step": total("update_flops") / len(timed) / 1e9,
         "update_mfu": total("update_flops") / total("update_s") / (peak * 1e9),
         "matmul_peak_gflops": peak,
+        "memory_gbps": bandwidth,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
 
@@ -379,7 +439,7 @@ def _columns(names: str) -> list[tuple[str, str]]:
 
 COLUMNS = {
     "rl_step": _columns(
-        "shape setting dtype packed grad_accumulation rl_step_s rollout_s reward_s old_policy_s update_s "
+        "shape setting dtype packed grad_accumulation rl_step_s floor_s rollout_s reward_s old_policy_s update_s "
         "gen_tokens_per_s "
         "update_tokens_per_s update_mfu peak_rss_gb first_step_s compiling_steps error"
     ),

@@ -29,6 +29,34 @@ def test_update_flops_match_a_hand_count():
     assert bench_rl.update_flops(mcfg, [3], [2]) == 3 * forward
 
 
+def test_decode_read_bytes_match_a_hand_count():
+    mcfg = bench_rl.model_config(bench_rl.SHAPES["small"])
+    # 32 rows top-2 of 8 experts: each expert unchosen by all rows with probability (6/8)^32.
+    chosen = 8 * (1 - 0.75**32)
+    per_layer = 256 * 256 * 2 + 256 * 128 * 2 + 256 * 8 + chosen * 3 * 256 * 256
+    assert bench_rl.decode_read_bytes(mcfg, 32) == pytest.approx(4 * (4 * per_layer + 256 * 64))
+    one_row = 256 * 256 * 2 + 256 * 128 * 2 + 256 * 8 + 2 * 3 * 256 * 256  # exactly k experts
+    assert bench_rl.decode_read_bytes(mcfg, 1) == pytest.approx(4 * (4 * one_row + 256 * 64))
+
+
+def test_step_floor_takes_the_larger_rollout_bound_and_counts_the_old_policy_pass():
+    mcfg = bench_rl.model_config(bench_rl.SHAPES["small"])
+    prompts, completions = [14, 14], [5, 3]
+    forward = bench_rl.update_flops(mcfg, prompts, completions) / 3
+    reads = bench_rl.decode_read_bytes(mcfg, 2)
+    # Compute-bound: 4 decode steps (longest completion 5) read 4 x reads bytes at 1000 GB/s.
+    floor = bench_rl.step_floor_s(mcfg, prompts, completions, False, peak_gflops=50.0, memory_gbps=1000.0)
+    assert floor["rollout_floor_s"] == pytest.approx(forward / 50e9)
+    assert floor["update_floor_s"] == pytest.approx(3 * forward / 50e9)
+    assert floor["old_policy_floor_s"] == 0.0
+    assert floor["floor_s"] == pytest.approx(4 * forward / 50e9)
+    assert 4 * reads / 1000e9 < forward / 50e9
+    # Bandwidth-bound, with an old-policy forward.
+    floor = bench_rl.step_floor_s(mcfg, prompts, completions, True, peak_gflops=50.0, memory_gbps=0.01)
+    assert floor["rollout_floor_s"] == pytest.approx(4 * reads / 0.01e9)
+    assert floor["floor_s"] == pytest.approx(4 * reads / 0.01e9 + 4 * forward / 50e9)
+
+
 def test_medium_shape_has_the_issue_parameter_count():
     mcfg = bench_rl.model_config(bench_rl.SHAPES["medium"])
     attention = 512 * 256 + 512 * 128 * 2 + 256 * 512
@@ -103,6 +131,7 @@ def test_cli_runs_a_tiny_rl_step_and_writes_json(tmp_path, dtype):
     assert row["old_policy_s"] == 0.0  # sampler log-probs: no old-policy pass
     assert row["packed"] is True and 0 <= row["compiling_steps"] <= row["steps"]
     assert 0 < row["update_mfu"] < 1
+    assert 0 < row["floor_s"] < row["rl_step_s"] and row["memory_gbps"] > 0.5
     assert row["peak_rss_gb"] > 0.1
 
 
