@@ -60,6 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.top_k = 0  # 0: off
     c.rollout.top_p = 1.0
     c.rollout.cache_dtype = ""  # KV cache dtype; "" = compute dtype
+    # Decode on the still-running rows only, once half have stopped: auto (one CPU device) / on / off.
+    c.rollout.compact_rows = "auto"
 
     c.algo = ml_collections.ConfigDict()
     c.algo.importance_sampling_level = "sequence"  # sequence (GSPO) | sequence_token | token (GRPO)

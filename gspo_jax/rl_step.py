@@ -131,6 +131,9 @@ class RLStep:
                 stop_ids=stop_ids,
                 pad_id=tokenizer.pad_token_id,
                 cache_dtype=cfg.rollout.cache_dtype or None,
+                compact_rows=rollout.use_row_compaction(
+                    cfg.rollout.compact_rows, mesh.size, jax.default_backend()
+                ),
             )
         )
 

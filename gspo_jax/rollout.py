@@ -103,7 +103,11 @@ class ScoredRollout:
         score (rewards/<name>) and the reference answer when the records have one."""
         out = []
         for i in range(min(n, len(self.prompts))):
-            sample = {"prompt": self.prompts[i], "completion": self.completions[i], "reward": float(self.rewards[i])}
+            sample = {
+                "prompt": self.prompts[i],
+                "completion": self.completions[i],
+                "reward": float(self.rewards[i]),
+            }
             sample.update({f"rewards/{name}": float(col[i]) for name, col in self.reward_columns.items()})
             if self.answers is not None:
                 sample["answer"] = self.answers[i]
@@ -116,12 +120,16 @@ def model_prompts(tokenizer, prompt_ids_np: np.ndarray, prompt_mask_np: np.ndarr
     return [tokenizer.decode(ids[m.astype(bool)].tolist()) for ids, m in zip(prompt_ids_np, prompt_mask_np)]
 
 
-def score_rollout(tokenizer, reward_set, batch, group_size: int, ids_bc: np.ndarray, mask_bc: np.ndarray, stop_ids):
+def score_rollout(
+    tokenizer, reward_set, batch, group_size: int, ids_bc: np.ndarray, mask_bc: np.ndarray, stop_ids
+):
     """Rewards for the B = N * G completions of a data.PromptBatch of N prompts (rows prompt-major)."""
     completions = completion_texts(tokenizer, ids_bc, mask_bc, stop_ids)
     rep_prompts = repeat_per_sample(batch.prompts, group_size)
     rep_fields = {k: repeat_per_sample(v, group_size) for k, v in batch.fields.items()}
-    result = reward_set(rep_prompts, completions, completion_ids=completion_id_lists(ids_bc, mask_bc), **rep_fields)
+    result = reward_set(
+        rep_prompts, completions, completion_ids=completion_id_lists(ids_bc, mask_bc), **rep_fields
+    )
     lengths = mask_bc.sum(axis=1)
     last = np.take_along_axis(ids_bc, np.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
     truncated = (lengths == ids_bc.shape[1]) & ~np.isin(last, list(stop_ids))
@@ -136,14 +144,42 @@ def score_rollout(tokenizer, reward_set, batch, group_size: int, ids_bc: np.ndar
     )
 
 
+COMPACT_ROWS = ("auto", "on", "off")
+
+
+def use_row_compaction(setting: str, num_devices: int, backend: str) -> bool:
+    """rollout.compact_rows -> Sampler(compact_rows=...). "auto": on a single CPU device, where decode
+    is compute-bound and a step with fewer rows costs less; "on": on any single device."""
+    if setting == "on" and num_devices > 1:
+        raise ValueError(
+            f"--config.rollout.compact_rows=on needs the rollout rows on one device, but the mesh has "
+            f"{num_devices}: compacting batch-sharded rows would gather the KV cache across devices. "
+            "Use compact_rows=auto or off."
+        )
+    return setting == "on" or (setting == "auto" and num_devices == 1 and backend == "cpu")
+
+
 def config_errors(r) -> list[str]:
     """Problems with the `rollout.*` keys."""
     checks = (
-        (r.group_size >= 2, "group_size", f"must be >= 2 (group advantages compare responses to the same prompt), got {r.group_size}"),
+        (
+            r.group_size >= 2,
+            "group_size",
+            f"must be >= 2 (group advantages compare responses to the same prompt), got {r.group_size}",
+        ),
         (r.prompts_per_step >= 1, "prompts_per_step", "must be >= 1"),
         (r.max_new_tokens >= 1, "max_new_tokens", "must be >= 1"),
-        (r.temperature > 0, "temperature", f"must be > 0 for RL (greedy rollouts make all G samples identical), got {r.temperature}"),
+        (
+            r.temperature > 0,
+            "temperature",
+            f"must be > 0 for RL (greedy rollouts make all G samples identical), got {r.temperature}",
+        ),
         (0 < r.top_p <= 1, "top_p", f"must be in (0, 1], got {r.top_p}"),
         (r.top_k >= 0, "top_k", "must be >= 0 (0 = off)"),
+        (
+            r.compact_rows in COMPACT_ROWS,
+            "compact_rows",
+            f"must be one of {COMPACT_ROWS}, got {r.compact_rows!r}",
+        ),
     )
     return [f"--config.rollout.{key}: {problem}" for ok, key, problem in checks if not ok]

@@ -28,6 +28,7 @@ from gspo_jax.policy import build_policy, init_train_state
 from gspo_jax.preemption import PreemptionGuard
 from gspo_jax.rewards import RewardSet
 from gspo_jax.rl_step import RLStep
+from gspo_jax.rollout import use_row_compaction
 from gspo_jax.sampler import Sampler
 from gspo_jax.tokenizer import eos_token_ids, load_tokenizer
 from gspo_jax.update import TrainState
@@ -104,6 +105,9 @@ class Trainer:
                 stop_ids=self.stop_ids,
                 pad_id=self.pad_id,
                 cache_dtype=cfg.rollout.cache_dtype or None,
+                compact_rows=use_row_compaction(
+                    cfg.rollout.compact_rows, self.mesh.size, jax.default_backend()
+                ),
             ),
             self.mesh,
             cfg.mesh.rules.to_dict(),

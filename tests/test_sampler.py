@@ -18,7 +18,8 @@ from gspo_jax.logprobs import completion_logprobs
 from gspo_jax.models import attention, dispatch, tiled
 from gspo_jax.models.config import ModelConfig
 from gspo_jax.models.qwen_moe import QwenMoeForCausalLM
-from gspo_jax.sampler import SampleOutput, Sampler, sample_next
+from gspo_jax.rollout import use_row_compaction
+from gspo_jax.sampler import SampleOutput, Sampler, row_phases, sample_next
 
 N = 8  # new tokens
 PAD = 96  # a pad id no test prompt uses, so padding is visible in completions
@@ -272,6 +273,47 @@ def test_decode_loop_writes_each_layer_cache_in_place(tiny):
     cache = rf"f32\[{2 * len(PROMPTS)},{ids.shape[1] + N - 1},{model.config.num_key_value_heads},{model.config.head_dim}\]"
     assert re.search(cache, hlo), "no cache buffer of the expected shape: the test no longer looks at it"
     assert not re.findall(cache + r"\{[^}]*\} copy\(", hlo)
+
+
+def test_compacted_rows_sample_what_the_full_batch_samples(tiny):
+    """With compact_rows the loop continues on the running rows once half have stopped (32 -> 16 -> 8
+    rows here): the same tokens as without, log-probs equal to a cache-free forward's."""
+    _, _, model, graphdef, params = tiny
+    ids, mask = left_pad([PROMPTS[i % 3] for i in range(8)])
+    n = 32
+    # Stop on a ninth of the vocabulary at T = 1.5: rows end at scattered steps.
+    settings = dict(
+        max_new_tokens=n, num_samples=4, temperature=1.5, stop_ids=tuple(range(1, 97, 9)), pad_id=PAD
+    )
+    full = Sampler(graphdef, **settings)(params, ids, mask, jax.random.key(3))
+    compacting = Sampler(graphdef, **settings, compact_rows=True)
+    out = compacting(params, ids, mask, jax.random.key(3))
+    lengths = np.asarray(full.lengths)
+    running = [(lengths > step).sum() for step in range(1, n - 1)]
+    assert any(0 < r <= 8 for r in running), "no row ran into the last phase: nothing was compacted"
+    np.testing.assert_array_equal(np.asarray(out.completion_ids), np.asarray(full.completion_ids))
+    np.testing.assert_array_equal(np.asarray(out.completion_mask), np.asarray(full.completion_mask))
+    generated = np.asarray(out.completion_mask, bool)
+    reference = sampled_logprobs_reference(model, ids, mask, out, 1.5)
+    np.testing.assert_allclose(np.asarray(out.logprobs)[generated], reference[generated], atol=1e-4)
+    assert np.all(np.asarray(out.logprobs)[~generated] == 0)
+    hlo = compacting._generate.lower(params, ids, mask, jax.random.key(3)).compile().as_text()
+    for rows in (32, 16, 8):  # one decode loop per row count, each carrying its own cache
+        cache = rf"f32\[{rows},{ids.shape[1] + n - 1},{model.config.num_key_value_heads},{model.config.head_dim}\]"
+        assert re.search(cache, hlo), rows
+
+
+def test_row_compaction_phases_and_setting():
+    assert row_phases(64, 128, compact=True) == [64, 32, 16]
+    assert row_phases(20, 32, compact=True) == [20, 10]
+    assert row_phases(12, 128, compact=True) == [12]
+    assert row_phases(64, 31, compact=True) == [64]  # too few steps to repay the compiles
+    assert row_phases(64, 128, compact=False) == [64]
+    assert use_row_compaction("auto", 1, "cpu") and use_row_compaction("on", 1, "gpu")
+    assert not use_row_compaction("auto", 1, "gpu") and not use_row_compaction("auto", 8, "cpu")
+    assert not use_row_compaction("off", 1, "cpu")
+    with pytest.raises(ValueError, match="compact_rows=on needs the rollout rows on one device"):
+        use_row_compaction("on", 8, "cpu")
 
 
 def test_sliding_window_decode_equals_stepwise_full_forward(tmp_path):

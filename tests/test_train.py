@@ -123,6 +123,7 @@ def test_config_errors_name_the_key_and_fix(tmp_path):
             "mesh.data": 3,
             "reward.fns": "no_such_reward",
             "rollout.temperature": 0.0,
+            "rollout.compact_rows": "yes",
         },
     )
     with pytest.raises(ConfigError) as err:
@@ -135,6 +136,7 @@ def test_config_errors_name_the_key_and_fix(tmp_path):
         "--config.mesh",
         "no_such_reward",
         "--config.rollout.temperature",
+        "--config.rollout.compact_rows: must be one of ('auto', 'on', 'off')",
     ):
         assert expected in message, expected
     assert not os.path.exists(tmp_path / "bad")
@@ -172,7 +174,8 @@ def test_cli_fails_fast_on_invalid_config(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env=os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"},
+        env=os.environ
+        | {"XLA_FLAGS": "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"},
     )
     assert proc.returncode != 0
     assert "--config.rollout.group_size" in proc.stderr and "--config.optim.lr" in proc.stderr
@@ -328,7 +331,9 @@ def test_python_api_console_samples_and_held_out_split(tmp_path, capsys):
 
     rows = [(a, b) for a in range(8) for b in range(5)]  # 40 distinct prompts
     train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n" for a, b in rows))
+    train.write_text(
+        "".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n" for a, b in rows)
+    )
     settings = {
         "data.path": str(train),
         "data.task": "",
@@ -380,7 +385,9 @@ def test_keep_best_by_must_name_a_logged_metric_with_a_direction(tmp_path):
     from gspo_jax import checkpoint
 
     cfg = micro_config(tmp_path / "kb", **{"checkpoint.keep_best_by": "eval/acc"})
-    with pytest.raises(ConfigError, match=r"keep_best_by: 'eval/acc' is not a metric this run logs.*eval/accuracy"):
+    with pytest.raises(
+        ConfigError, match=r"keep_best_by: 'eval/acc' is not a metric this run logs.*eval/accuracy"
+    ):
         validate_config(cfg)
     cfg = micro_config(tmp_path / "kb", **{"checkpoint.keep_best_by": "eval/accuracy", "eval.every": 0})
     with pytest.raises(ConfigError, match=r"evaluation is off"):
@@ -398,14 +405,22 @@ def test_keep_best_by_must_name_a_logged_metric_with_a_direction(tmp_path):
 
 def test_config_key_typo_prints_one_line_with_the_suggestion(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "gspo_jax.train", "--config=tests/micro_config.py", "--config.algo.minibatchs=2"],
+        [
+            sys.executable,
+            "-m",
+            "gspo_jax.train",
+            "--config=tests/micro_config.py",
+            "--config.algo.minibatchs=2",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode != 0
-    assert proc.stderr.strip() == "error: unknown key --config.algo.minibatchs; did you mean algo.minibatches?"
+    assert (
+        proc.stderr.strip() == "error: unknown key --config.algo.minibatchs; did you mean algo.minibatches?"
+    )
 
 
 def test_data_section_is_validated(tmp_path):

@@ -151,6 +151,16 @@ class KVCache:
             return take(self.k), take(self.v)
         return self.k[layer], self.v[layer]
 
+    def take_rows(self, rows_r) -> KVCache:
+        """The cache of rows rows_r [R] (int32 indices into the batch), in that order."""
+        buffers = lambda x: jnp.take(x, rows_r, axis=1 if self.stacked else 0)
+        return KVCache(
+            k=jax.tree.map(buffers, self.k),
+            v=jax.tree.map(buffers, self.v),
+            valid=self.valid[rows_r],
+            pos=self.pos[rows_r],
+        )
+
     def repeat_rows(self, n: int) -> KVCache:
         """Each batch row n times in a row (row b becomes rows b*n .. b*n + n - 1)."""
         buffers = lambda x: jnp.repeat(x, n, axis=1 if self.stacked else 0)
