@@ -82,6 +82,12 @@ def define_flags() -> None:
     flags.DEFINE_bool(
         "pack_sequences", True, "rl_step: sequence packing for the update and scoring (algo.pack_sequences)."
     )
+    flags.DEFINE_enum(
+        "compact_rows",
+        "auto",
+        ["auto", "on", "off"],
+        "rl_step and sweep: decode on the running rows once half have stopped (rollout.compact_rows).",
+    )
     flags.DEFINE_integer(
         "grad_accumulation",
         1,
@@ -130,6 +136,7 @@ def run_config(shape: dict, setting: str, steps: int):
     cfg.model.rollout_dtype = "" if cfg.model.dtype == "float32" else cfg.model.dtype
     cfg.algo.pack_sequences = shape.get("pack_sequences", True)
     cfg.algo.grad_accumulation = shape.get("grad_accumulation", 1)
+    cfg.rollout.compact_rows = shape.get("compact_rows", "auto")
     return cfg
 
 
@@ -298,6 +305,7 @@ def measure_rl_step(shape_name: str, setting: str, steps: int) -> dict:
         "packed": cfg.algo.pack_sequences,
         "minibatches": cfg.algo.minibatches,
         "grad_accumulation": cfg.algo.grad_accumulation,
+        "compact_rows": cfg.rollout.compact_rows,
         "old_logprobs": cfg.algo.old_logprobs,
         "prompts": shape["prompts"],
         "group": shape["group"],
@@ -348,6 +356,7 @@ def run_rl_step() -> list[dict]:
             dtype=f.dtype,
             pack_sequences=f.pack_sequences,
             grad_accumulation=f.grad_accumulation,
+            compact_rows=f.compact_rows,
         )
         for setting in f.rl_settings
     ]
@@ -396,6 +405,7 @@ def run_sweep() -> list[dict]:
             new_tokens=int(n),
             group=int(g),
             grad_accumulation=f.grad_accumulation,
+            compact_rows=f.compact_rows,
         )
         for n in f.sweep_lengths
         for g in f.sweep_groups
@@ -439,12 +449,13 @@ def _columns(names: str) -> list[tuple[str, str]]:
 
 COLUMNS = {
     "rl_step": _columns(
-        "shape setting dtype packed grad_accumulation rl_step_s floor_s rollout_s reward_s old_policy_s update_s "
+        "shape setting dtype packed grad_accumulation compact_rows rl_step_s floor_s rollout_s reward_s old_policy_s update_s "
         "gen_tokens_per_s "
         "update_tokens_per_s update_mfu peak_rss_gb first_step_s compiling_steps error"
     ),
     "sweep": _columns(
-        "max_new_tokens group grad_accumulation rl_step_s rollout_s update_s update_mfu peak_rss_gb error"
+        "max_new_tokens group grad_accumulation compact_rows rl_step_s floor_s rollout_s update_s update_mfu "
+        "peak_rss_gb error"
     ),
     "dispatch": _columns("dispatch tokens fwd_bwd_s first_call_s"),
 }

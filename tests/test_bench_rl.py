@@ -74,6 +74,12 @@ def test_packing_setting_reaches_the_config():
     assert not bench_rl.run_config(shape, "trainer4", steps=1).algo.pack_sequences
 
 
+def test_compact_rows_setting_reaches_the_config():
+    assert bench_rl.run_config(bench_rl.SHAPES["small"], "sampler1", steps=1).rollout.compact_rows == "auto"
+    shape = bench_rl.SHAPES["small"] | {"compact_rows": "off"}
+    assert bench_rl.run_config(shape, "sampler1", steps=1).rollout.compact_rows == "off"
+
+
 def test_bench_prompts_have_the_issue_length():
     """The peers ran sort prompts of ~14 tokens; the tiny preset's default (5 digits) is 6."""
     from gspo_jax.data import make_prompt_dataset
