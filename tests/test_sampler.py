@@ -234,21 +234,29 @@ def test_heterogeneous_layer_runs_decode_like_full_forward_and_transformers(tmp_
     assert gap > 1e-3 and got[1].tolist() == expected
 
 
-def test_one_token_attention_matches_numpy_softmax():
+@pytest.mark.parametrize("slots,filled", [(7, None), (600, 600), (600, 300), (700, 1)])
+def test_one_token_attention_matches_numpy_softmax(slots, filled):
     """Decode attention (the cache as before the step's write, the new key and value apart) against a
     numpy softmax over [cached slots | new token]: masked slots, a row that sees only its new token,
-    a row whose new token is masked, and kv-head groups of 1, 2 and 4 query heads."""
+    a row whose new token is masked, and kv-head groups of 1, 2 and 4 query heads. Caches of 512+
+    slots are read in 128-slot chunks below `filled` (600 slots: the last chunk is clamped back over
+    slots already read)."""
+    assert (slots >= attention.DECODE_CHUNKED_MIN_SLOTS) == (filled is not None)
     rng = np.random.default_rng(0)
-    b, s, d = 3, 7, 8
+    b, s, d = 3, slots, 8
     for kv, g in ((2, 2), (1, 4), (4, 1)):
         q = rng.normal(size=(b, kv * g, d)).astype(np.float32)
         new_k, new_v = (rng.normal(size=(b, kv, d)).astype(np.float32) for _ in range(2))
         cached_k, cached_v = (rng.normal(size=(b, s, kv, d)).astype(np.float32) for _ in range(2))
         cached_mask = rng.uniform(size=(b, s)) < 0.6
         cached_mask[0], cached_mask[2, 0] = False, True
+        if filled is not None:
+            cached_mask[:, filled:] = False  # the caller's promise: nothing written at or past `filled`
+            cached_k[:, filled:] = 1e4  # so a read past it would show
         new_valid = np.array([True, True, False])
         got = attention.one_token_attention(
-            *map(jnp.asarray, (q, new_k, new_v, cached_k, cached_v, cached_mask, new_valid))
+            *map(jnp.asarray, (q, new_k, new_v, cached_k, cached_v, cached_mask, new_valid)),
+            filled_slots=None if filled is None else jnp.int32(filled),
         )
         keys = np.concatenate([cached_k, new_k[:, None]], axis=1)
         values = np.concatenate([cached_v, new_v[:, None]], axis=1)

@@ -247,11 +247,14 @@ class Attention(nnx.Module):
 
     def _decode_step(self, q, k, v, pos_bt, valid_bt, cache, cache_start, layer):
         """A decode step on CPU (T = 1): attends over the cache as it was before this step, then
-        writes the new key and value at slot cache_start. Returns ([B, 1, heads, D], cache)."""
+        writes the new key and value at slot cache_start. Returns ([B, 1, heads, D], cache). Callers
+        fill the cache in slot order, so no slot past cache_start holds anything yet."""
         cached_k, cached_v = (x.astype(self.dtype) for x in cache.layer_kv(layer))
         earlier = cache.valid & (jnp.arange(cache.valid.shape[1]) != cache_start)
         mask_bs = attention_mask(pos_bt, cache.pos, earlier, self.window)[:, 0]
-        out = one_token_attention(q[:, 0], k[:, 0], v[:, 0], cached_k, cached_v, mask_bs, valid_bt[:, 0])
+        out = one_token_attention(
+            q[:, 0], k[:, 0], v[:, 0], cached_k, cached_v, mask_bs, valid_bt[:, 0], filled_slots=cache_start
+        )
         # The write must depend on the reads: otherwise XLA's copy insertion cannot order them before
         # the in-place update and copies every layer's cache at every step (XLA:CPU expands
         # optimization_barrier before that pass). 0 * x stays in the program for floats (NaN * 0).
