@@ -27,8 +27,9 @@ Padding, the dispatch's dropless buffers and anything recomputed are not useful 
 `floor_s` is what the step cannot go below on this machine (`step_floor_s`): the update's useful FLOPs,
 the old-policy forward's (trainer4) and the rollout's (one forward over the same tokens) at the matmul
 peak, the rollout taken at least as long as its decode steps' weight reads at the memory bandwidth
-measured in the same process (`memory_gbps`: a jitted sum over 256 MB, best of 5). A step faster than
-`floor_s` would have to beat this machine's measured matmul peak or bandwidth on the same work.
+measured in the same process (`memory_gbps`: bench.streaming_bandwidth_gbs, a jitted sum over 1 GiB).
+A step faster than `floor_s` would have to beat this machine's measured matmul peak or bandwidth on
+the same work.
 
 `dispatch` times forward + backward of one MoE block (router + experts) per strategy on the tokens of
 one update at the shape (medium: 16 x 4 rows of 16 + 128 = 9216 tokens), best of --rounds after the
@@ -143,15 +144,12 @@ def run_config(shape: dict, setting: str, steps: int):
 def matmul_peak_gflops(n: int = 2048, rounds: int = 3, dtype: str = "float32") -> float:
     """GFLOP/s of a jitted n^3 matmul of `dtype` operands accumulated in fp32 (as the model's
     products are, models/matmul.py), best of `rounds`."""
+    from gspo_jax.bench import best_of
+
     a = jnp.ones((n, n), dtype)
     mm = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
     mm(a).block_until_ready()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        mm(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / best_of(lambda: mm(a).block_until_ready(), rounds) / 1e9
 
 
 def forward_flops(mcfg, prompt_lens_b, completion_lens_b) -> float:
@@ -205,19 +203,6 @@ def step_floor_s(
     return parts | {"floor_s": sum(parts.values())}
 
 
-def memory_bandwidth_gbps(megabytes: int = 256, rounds: int = 5) -> float:
-    """GB/s of a jitted fp32 sum over `megabytes` (read once), best of `rounds`."""
-    x = jnp.ones(megabytes * 2**20 // 4, jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        total(x).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return x.nbytes / best / 1e9
-
-
 class _Timed:
     """Wraps a jitted phase: blocks on its result and adds the wall time to `seconds`."""
 
@@ -234,6 +219,7 @@ class _Timed:
 def measure_rl_step(shape_name: str, setting: str, steps: int) -> dict:
     """Runs 1 + `steps` RL steps in this process; returns the result row (module docstring)."""
     from gspo_jax import sharding
+    from gspo_jax.bench import streaming_bandwidth_gbs
     from gspo_jax.data import make_prompt_dataset
     from gspo_jax.models.hf import abstract_model
     from gspo_jax.policy import Policy, init_params, init_train_state
@@ -244,7 +230,7 @@ def measure_rl_step(shape_name: str, setting: str, steps: int) -> dict:
     shape = SHAPES[shape_name]
     cfg = run_config(shape, setting, steps)
     peak = matmul_peak_gflops(dtype=cfg.model.dtype)
-    bandwidth = memory_bandwidth_gbps()
+    bandwidth = streaming_bandwidth_gbs()
     mesh = sharding.make_mesh(cfg.mesh)
     mcfg = model_config(shape)
     graphdef, abstract = abstract_model(mcfg)
